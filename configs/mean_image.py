@@ -1,0 +1,15 @@
+"""Mean-image baseline (jaxad/models/mean_image.py): one pass over the training set."""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  del arg
+  c = common.get_config()
+  c.model.name = 'mean_image'
+  c.num_epochs = 1
+  c.mean_image = ml_collections.ConfigDict()
+  c.mean_image.smoothing_sigma = 4.0  # Gaussian sigma (pixels) applied to the distance map.
+  return c

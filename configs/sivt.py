@@ -1,0 +1,59 @@
+"""SIVT: self-induction ViT feature reconstruction (sivt_self_induction_vit.txt).
+
+  configs/sivt.py        runs in minutes on a CPU on the embedded synthetic dataset.
+  configs/sivt.py:paper  the paper's protocol (Sec. IV-A): 256x256, EfficientNet-b4, P=2, N=4, width 240.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  c = common.get_config()
+  c.model.name = 'sivt'
+  c.batch_size = 16
+  c.num_epochs = 30
+  c.optimizer.name = 'adamw'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 20
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.kwargs = ml_collections.ConfigDict({'weight_decay': 0.05})
+
+  c.backbone = ml_collections.ConfigDict()
+  c.backbone.arch = 'tf_efficientnet_lite0'  # timm name of the frozen ImageNet CNN.
+  c.backbone.weights = 'imagenet'  # 'imagenet' (resolved offline) or a ported weights file.
+  c.backbone.features = (0, 1, 2, 3)  # timm features_only indices ("first four stages").
+  c.backbone.cache_features = True  # Extract training features once (only when no augmentation).
+
+  c.sivt = ml_collections.ConfigDict()
+  c.sivt.feature_size = 16        # Backbone maps are resized to feature_size^2 and concatenated (F).
+  c.sivt.patch_size = 2           # P: feature patch size of the token embedding.
+  c.sivt.num_subsets = 4          # N: disjoint induction subsets (Eq. 1).
+  c.sivt.width = 128              # D: token width (encoder and decoder).
+  c.sivt.encoder_depth = 4        # Transformer blocks of the encoder.
+  c.sivt.decoder_depth = 2        # Transformer blocks of the decoder.
+  c.sivt.num_heads = 4            # Attention heads (head dim = width / num_heads).
+  c.sivt.mlp_ratio = 4.0          # MLP hidden width / token width.
+  c.sivt.cosine_weight = 1.0      # lambda of Eq. 2 (L2 + lambda * (1 - cos)).
+  c.sivt.smoothing_sigma = 4.0    # Gaussian sigma (pixels at image_size) for the final map.
+  c.sivt.test_partition_seed = 0  # Seed of the fixed induction partition used at test time.
+
+  if arg == 'paper':
+    c.dataset.image_size = 256
+    c.batch_size = 8
+    c.num_epochs = 400
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = 'constant'
+    c.backbone.arch = 'efficientnet_b4'
+    c.backbone.weights = ''        # Path of a ported timm efficientnet_b4 file (python -m jaxad.port).
+    c.sivt.feature_size = 32       # 32x32x272 features.
+    c.sivt.width = 240
+    c.sivt.encoder_depth = 12
+    c.sivt.decoder_depth = 8
+    c.sivt.num_heads = 12
+    c.dataset.unified = True
+  elif arg:
+    raise ValueError(f'Unknown sivt variant {arg!r}; expected "" or "paper".')
+  return c

@@ -1,0 +1,142 @@
+"""grain input pipelines: seeded, worker-count-invariant training batches and ordered test batches."""
+
+import dataclasses
+import hashlib
+import math
+
+import grain
+import ml_collections
+import numpy as np
+from scipy import ndimage
+
+from jaxad.data import folder, synthetic
+
+
+def dataset_root(config: ml_collections.ConfigDict) -> str:
+  """The MVTec-layout root the config names; the synthetic dataset is generated on first use."""
+  ds = config.dataset
+  if ds.name == 'synthetic':
+    return synthetic.ensure(ds.root or None, seed=ds.synthetic_seed, image_size=ds.synthetic_size)
+  if ds.name == 'folder':
+    if not ds.root:
+      raise ValueError("dataset.name='folder' needs dataset.root (an MVTec-AD-layout folder).")
+    return ds.root
+  raise ValueError(f"Unknown dataset.name {ds.name!r}; expected 'synthetic' or 'folder'.")
+
+
+def scan(config, root: str, category: str, split: str) -> list[folder.Sample]:
+  return folder.scan_split(root, category, split, good_name=config.dataset.good_name,
+                           mask_suffix=config.dataset.mask_suffix)
+
+
+def _fingerprint(samples) -> str:
+  return hashlib.sha1('\n'.join(s.image_path for s in samples).encode()).hexdigest()[:12]
+
+
+class ImageSource:
+  """grain data source: decoded, resized images (+ label, mask, index) of a list of samples."""
+
+  def __init__(self, samples: list[folder.Sample], image_size: int, channels: int):
+    self.samples = list(samples)
+    self.image_size = image_size
+    self.channels = channels
+
+  def __len__(self):
+    return len(self.samples)
+
+  def __getitem__(self, index):
+    s = self.samples[index]
+    size = self.image_size
+    mask = (folder.load_mask(s.mask_path, size) if s.mask_path
+            else np.zeros((size, size), np.uint8))
+    return {'image': folder.load_image(s.image_path, size, self.channels),
+            'label': np.int32(s.label), 'mask': mask, 'index': np.int32(index)}
+
+  def __repr__(self):  # Stable: grain checks it when restoring an iterator state.
+    return (f'ImageSource(n={len(self)}, size={self.image_size}, channels={self.channels}, '
+            f'files={_fingerprint(self.samples)})')
+
+
+class ArraySource:
+  """grain data source over in-memory per-example arrays (e.g. cached frozen-backbone features)."""
+
+  def __init__(self, arrays: dict[str, np.ndarray], name: str):
+    self.arrays = arrays
+    self.name = name
+
+  def __len__(self):
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, index):
+    return {k: v[index] for k, v in self.arrays.items()}
+
+  def __repr__(self):
+    return f'ArraySource({self.name}, n={len(self)}, keys={sorted(self.arrays)})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """Config-driven augmentation of one example; randomness from grain's per-example generator."""
+  hflip: bool
+  vflip: bool
+  rotate: float
+
+  def __call__(self, example, rng: np.random.Generator):
+    image, mask = example['image'], example['mask']
+    if self.hflip and rng.random() < 0.5:
+      image, mask = image[:, ::-1], mask[:, ::-1]
+    if self.vflip and rng.random() < 0.5:
+      image, mask = image[::-1], mask[::-1]
+    if self.rotate:
+      angle = rng.uniform(-self.rotate, self.rotate)
+      image = ndimage.rotate(image, angle, axes=(1, 0), reshape=False, order=1, mode='reflect')
+      mask = ndimage.rotate(mask, angle, axes=(1, 0), reshape=False, order=0, mode='constant')
+    return {**example, 'image': np.ascontiguousarray(image, np.float32),
+            'mask': np.ascontiguousarray(mask)}
+
+
+def augmentation(config) -> Augment | None:
+  a = config.augment
+  return Augment(a.hflip, a.vflip, float(a.rotate)) if (a.hflip or a.vflip or a.rotate) else None
+
+
+def total_steps(num_examples: int, config) -> int:
+  steps = math.floor(num_examples * config.num_epochs / config.batch_size)
+  if steps < 1:
+    raise ValueError(f'{num_examples} training examples x {config.num_epochs} epochs give no full '
+                     f'batch of {config.batch_size}.')
+  return steps
+
+
+def train_iterator(source, config, *, process_index: int, process_count: int):
+  """Batches of this process's slice of every global batch, reshuffled each epoch from config.seed.
+
+  The order depends only on (seed, dataset, batch size, process count): not on the worker count.
+  """
+  local_batch = config.batch_size // process_count
+  ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(config.num_epochs)
+  augment = augmentation(config)
+  if augment is not None:
+    ds = ds.random_map(augment, seed=config.seed)
+  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  it = ds.to_iter_dataset()
+  if config.dataset.num_workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.dataset.num_workers, per_worker_buffer_size=config.dataset.prefetch))
+  return iter(it)
+
+
+def ordered_batches(source, batch_size: int, num_workers: int = 0, prefetch: int = 2):
+  """Batches of `source` in order; the last one is padded by repeating its final example.
+
+  Yields (batch, num_valid).
+  """
+  ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False).to_iter_dataset()
+  if num_workers > 0:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=prefetch))
+  for batch in ds:
+    n = len(next(iter(batch.values())))
+    if n < batch_size:
+      batch = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in batch.items()}
+    yield batch, n

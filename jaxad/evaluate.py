@@ -1,0 +1,99 @@
+"""Scores test splits and writes metrics.json, results.md and heatmap PNGs."""
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from jaxad import metrics, parallel
+from jaxad.data import pipeline
+
+METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
+
+
+def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) -> dict:
+  """Anomaly maps [N, H, W], image scores [N], labels [N] and masks [N, H, W] of `samples`."""
+  batch_size = config.eval_batch_size
+  parallel.check_batch_size(batch_size, mesh, 'eval_batch_size')
+  score_fn = score_fn or jax.jit(model.score, out_shardings=parallel.replicated(mesh))
+  source = pipeline.ImageSource(samples, config.dataset.image_size, config.dataset.channels)
+  out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
+  for batch, n in pipeline.ordered_batches(source, batch_size, config.dataset.num_workers):
+    local = parallel.local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
+    maps, scores = score_fn(state, parallel.shard_batch(local, mesh), frozen)
+    out['maps'].append(np.asarray(maps, np.float32)[:n])
+    out['scores'].append(np.asarray(scores, np.float32)[:n])
+    out['labels'].append(batch['label'][:n])
+    out['masks'].append(batch['mask'][:n])
+  return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def evaluate(config: ml_collections.ConfigDict, model, state, frozen, test_by_category: dict, mesh,
+             outdir: str) -> dict:
+  """Per-category metrics of a trained model; heatmaps go to <outdir>/heatmaps/<category>/."""
+  score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
+  results = {}
+  for category, samples in test_by_category.items():
+    scored = score_samples(config, model, state, frozen, samples, mesh, score_fn)
+    results[category] = metrics.compute_all(scored['scores'], scored['labels'], scored['maps'],
+                                            scored['masks'])
+    if jax.process_index() == 0 and config.num_heatmaps:
+      write_heatmaps(os.path.join(outdir, 'heatmaps', category), samples, scored, config)
+  return results
+
+
+def mean_metrics(per_category: dict) -> dict:
+  names = sorted({k for m in per_category.values() for k in m})
+  return {k: float(np.nanmean([m.get(k, np.nan) for m in per_category.values()])) for k in names}
+
+
+def write_results(workdir: str, per_category: dict, config: ml_collections.ConfigDict) -> dict:
+  """Writes metrics.json and results.md (per category and mean); returns the mean."""
+  mean = mean_metrics(per_category)
+  if jax.process_index() != 0:
+    return mean
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
+    json.dump({'model': config.model.name, 'categories': per_category, 'mean': mean}, f, indent=2)
+  rows = [f'| {c} | ' + ' | '.join(_pct(m.get(k)) for k in METRIC_NAMES) + ' |'
+          for c, m in [*per_category.items(), ('**mean**', mean)]]
+  header = '| category | ' + ' | '.join(METRIC_NAMES) + ' |'
+  table = '\n'.join([header, '|' + '---|' * (len(METRIC_NAMES) + 1), *rows])
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write(f'# {config.model.name} on {config.dataset.name} ({config.dataset.root or "default"})\n\n'
+            f'{table}\n\nAll numbers in percent.\n')
+  return mean
+
+
+def _pct(value) -> str:
+  return 'n/a' if value is None or not np.isfinite(value) else f'{100 * value:.1f}'
+
+
+def heatmap_panel(image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmin: float,
+                  vmax: float) -> np.ndarray:
+  """uint8 [H, 3W, 3]: input | ground truth (red) | jet heatmap overlaid on the input."""
+  import matplotlib
+  rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+  gt = rgb * 0.5
+  gt[mask > 0] = (1.0, 0.1, 0.1)
+  norm = np.clip((amap - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+  heat = matplotlib.colormaps['jet'](norm)[..., :3]
+  overlay = 0.5 * rgb + 0.5 * heat
+  return (np.concatenate([rgb, gt, overlay], axis=1) * 255).round().astype(np.uint8)
+
+
+def write_heatmaps(outdir: str, samples, scored: dict, config):
+  """PNGs for an evenly spread sample of test images (all defect types), one colour scale per category."""
+  os.makedirs(outdir, exist_ok=True)
+  maps = scored['maps']
+  vmin, vmax = float(np.min(maps)), float(np.percentile(maps, 99.9))
+  count = min(config.num_heatmaps, len(samples))
+  source = pipeline.ImageSource(samples, config.dataset.image_size, config.dataset.channels)
+  for i in np.linspace(0, len(samples) - 1, count).round().astype(int):
+    s = samples[i]
+    panel = heatmap_panel(source[i]['image'], scored['masks'][i], maps[i], vmin, vmax)
+    stem = os.path.splitext(os.path.basename(s.image_path))[0]
+    Image.fromarray(panel).save(os.path.join(outdir, f'{s.defect_type}_{stem}.png'))

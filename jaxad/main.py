@@ -1,0 +1,40 @@
+"""Entry point: python -m jaxad.main --config configs/sivt.py[:variant] --workdir DIR [--config.x=y].
+
+Re-running with the same workdir resumes from the latest checkpoint.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0 for multi-process runs; TPU pods and Slurm '
+    'are detected without it.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _wants_distributed() -> bool:
+  return bool(_COORDINATOR.value or 'SLURM_JOB_ID' in os.environ and int(
+      os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jax
+  jax.config.update('jax_threefry_partitionable', True)
+  if _wants_distributed():
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
+               jax.devices())
+  from jaxad import train
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

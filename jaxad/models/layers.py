@@ -1,0 +1,93 @@
+"""Layers shared by several models: ViT blocks, positional embeddings, map smoothing and resizing."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def sincos_pos_embed_2d(height: int, width: int, dim: int) -> np.ndarray:
+  """Fixed 2D sine-cosine position embedding [height*width, dim] (as in MAE)."""
+  if dim % 4:
+    raise ValueError(f'sincos embedding needs a width divisible by 4, got {dim}')
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+  ys, xs = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
+                       indexing='ij')
+  out = []
+  for pos in (ys.reshape(-1), xs.reshape(-1)):
+    angles = pos[:, None] * omega[None]
+    out += [np.sin(angles), np.cos(angles)]
+  return np.concatenate(out, axis=1).astype(np.float32)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    out = x.shape[-1]
+    x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())(x)
+    x = nn.gelu(x, approximate=False)
+    return nn.Dense(out, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())(x)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention through `jax.nn.dot_product_attention` (fused where available)."""
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
+    head_dim = width // self.num_heads
+    dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
+                              kernel_init=nn.initializers.xavier_uniform())
+    q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ('query', 'key', 'value'))
+    y = jax.nn.dot_product_attention(q, k, v)
+    return dense(width, axis=(-2, -1), name='out')(y)
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block: x + MHSA(LN(x)); x + MLP(LN(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = x + Attention(self.num_heads, self.dtype)(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
+    hidden = int(x.shape[-1] * self.mlp_ratio)
+    return x + Mlp(hidden, self.dtype)(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
+
+
+def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+  """The 1-D kernel scipy.ndimage.gaussian_filter uses (radius = int(truncate * sigma + 0.5))."""
+  radius = int(truncate * sigma + 0.5)
+  x = np.arange(-radius, radius + 1, dtype=np.float64)
+  k = np.exp(-0.5 * (x / sigma) ** 2)
+  return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
+  """Separable Gaussian smoothing of [B, H, W] maps with 'reflect' borders (scipy's default)."""
+  if sigma <= 0:
+    return maps
+  kernel = jnp.asarray(gaussian_kernel_1d(sigma))
+  radius = kernel.shape[0] // 2
+  x = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode='symmetric')
+  x = x[..., None]
+  x = jax.lax.conv_general_dilated(x, kernel.reshape(-1, 1, 1, 1), (1, 1), 'VALID',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x = jax.lax.conv_general_dilated(x, kernel.reshape(1, -1, 1, 1), (1, 1), 'VALID',
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return x[..., 0]
+
+
+def resize_maps(maps: jax.Array, size: int) -> jax.Array:
+  """Bilinear resize of [B, h, w] maps to [B, size, size]."""
+  return jax.image.resize(maps, (maps.shape[0], size, size), method='linear')

@@ -1,0 +1,32 @@
+"""Trivial baseline: per-pixel squared distance to the mean training image (image score = max).
+
+Anything that learns should beat it clearly; the README reports it beside every model.
+"""
+
+import jax.numpy as jnp
+import ml_collections
+
+from jaxad.models import AnomalyModel, layers
+
+
+def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
+  del total_steps  # Nothing to schedule: "training" accumulates the mean image.
+  sigma = config.mean_image.smoothing_sigma
+
+  def init(rng, batch, frozen):
+    del rng, frozen
+    return {'sum': jnp.zeros(batch['image'].shape[1:], jnp.float32), 'count': jnp.zeros((), jnp.float32)}
+
+  def train_step(state, batch, rng, frozen):
+    del rng, frozen
+    images = batch['image']
+    state = {'sum': state['sum'] + images.sum(0), 'count': state['count'] + images.shape[0]}
+    return state, {'loss': jnp.mean((images - state['sum'] / state['count']) ** 2)}
+
+  def score(state, batch, frozen):
+    del frozen
+    mean = state['sum'] / jnp.maximum(state['count'], 1.0)
+    maps = layers.gaussian_blur(jnp.sum((batch['image'] - mean) ** 2, axis=-1), sigma)
+    return maps, maps.max(axis=(1, 2))
+
+  return AnomalyModel(init=init, train_step=train_step, score=score)

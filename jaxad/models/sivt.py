@@ -1,0 +1,133 @@
+"""SIVT: self-induction vision Transformer over frozen CNN features (sivt_self_induction_vit.txt).
+
+Pipeline (Fig. 2, Algorithm 1): a frozen ImageNet CNN gives multi-scale maps, resized to one size and
+concatenated into F [H, W, C]; F is embedded into L patch tokens X; a learnable induction sequence X*
+(same size) is split into N disjoint subsets; sequence Phi_i takes the tokens of subset i from X* and
+all others from X (Eq. 1); a shared encoder encodes every Phi_i, only the induction tokens are kept and
+reassembled into Z_X*, and a decoder reconstructs F. Loss Eq. 2, anomaly map Eq. 3.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax.training import train_state
+
+from jaxad import models, optim
+from jaxad.models import AnomalyModel, layers
+
+
+class SelfInductionViT(nn.Module):
+  """Reconstructs features F [B, H, W, C] given a partition of the L tokens into N subsets."""
+  patch_size: int
+  num_subsets: int
+  width: int
+  encoder_depth: int
+  decoder_depth: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features: jax.Array, partition: jax.Array) -> jax.Array:
+    b, h, w, c = features.shape
+    p = self.patch_size
+    gh, gw = h // p, w // p
+    num_tokens = gh * gw
+    pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, self.width))
+
+    # Algorithm 1, line 1: X = E(F, P).
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                name='patch_embed')(features).reshape(b, num_tokens, self.width) + pos
+    # Lines 2-6: Phi_i = X*_i U C_X X*_i  (Eq. 1).
+    induction = self.param('induction_tokens', nn.initializers.normal(0.02),
+                           (num_tokens, self.width)) + pos
+    member = jax.nn.one_hot(partition, self.num_subsets, dtype=jnp.bool_).T  # [N, L]
+    phi = jnp.where(member[:, None, :, None], induction.astype(x.dtype), x[None])
+    # Line 7: encode every Phi_i with one shared encoder.
+    z = phi.reshape(self.num_subsets * b, num_tokens, self.width)
+    for i in range(self.encoder_depth):
+      z = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'encoder_{i}')(z)
+    z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(z)
+    z = z.reshape(self.num_subsets, b, num_tokens, self.width)
+    # Lines 8-10: keep the induction tokens of each Phi_i and reassemble Z_X*.
+    z_star = jnp.sum(jnp.where(member[:, None, :, None], z, 0), axis=0)
+    self.sow('intermediates', 'induction_latent', z_star)
+    # Line 11: F~ = Dec(Z_X*).
+    y = nn.Dense(self.width, dtype=self.dtype, name='decoder_embed')(z_star) + pos
+    for i in range(self.decoder_depth):
+      y = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_{i}')(y)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(y)
+    y = nn.Dense(p * p * c, dtype=self.dtype, name='decoder_pred')(y)
+    y = y.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    return y.astype(jnp.float32)
+
+
+def random_partition(rng: jax.Array, num_tokens: int, num_subsets: int) -> jax.Array:
+  """Subset id in [0, N) of each token: a uniformly random split into N equal, disjoint subsets."""
+  perm = jax.random.permutation(rng, num_tokens)
+  return jnp.zeros(num_tokens, jnp.int32).at[perm].set(jnp.arange(num_tokens) // (num_tokens // num_subsets))
+
+
+def residuals(features: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-position squared L2 distance and 1 - cosine similarity over channels (Eq. 2-3)."""
+  sq = jnp.sum((features - recon) ** 2, axis=-1)
+  cos = jnp.sum(features * recon, -1) / (
+      jnp.linalg.norm(features, axis=-1) * jnp.linalg.norm(recon, axis=-1) + 1e-8)
+  return sq, 1.0 - cos
+
+
+def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
+  cfg = config.sivt
+  extractor = models.load_backbone(config.backbone)
+  feature_size = cfg.feature_size
+  if feature_size % cfg.patch_size:
+    raise ValueError(f'sivt.feature_size {feature_size} is not a multiple of patch_size {cfg.patch_size}')
+  num_tokens = (feature_size // cfg.patch_size) ** 2
+  if num_tokens % cfg.num_subsets:
+    raise ValueError(f'{num_tokens} tokens cannot be split into {cfg.num_subsets} equal subsets')
+  net = SelfInductionViT(cfg.patch_size, cfg.num_subsets, cfg.width, cfg.encoder_depth,
+                         cfg.decoder_depth, cfg.num_heads, cfg.mlp_ratio, jnp.dtype(config.dtype))
+  tx = optim.make_optimizer(config.optimizer, total_steps)
+  test_partition = random_partition(jax.random.key(cfg.test_partition_seed), num_tokens, cfg.num_subsets)
+  image_size = config.dataset.image_size
+
+  def precompute(batch, frozen):
+    """F: backbone maps resized to feature_size and concatenated over channels (Sec. III-B)."""
+    maps = extractor.apply_fn(frozen['backbone'], batch['image'])
+    b = batch['image'].shape[0]
+    maps = [jax.image.resize(m, (b, feature_size, feature_size, m.shape[-1]), 'linear') for m in maps]
+    return {'features': jnp.concatenate(maps, axis=-1)}
+
+  def features_of(batch, frozen):
+    return batch['features'] if 'features' in batch else precompute(batch, frozen)['features']
+
+  def init(rng, batch, frozen):
+    params = net.init(rng, features_of(batch, frozen), test_partition)['params']
+    return train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
+
+  def train_step(state, batch, rng, frozen):
+    features = features_of(batch, frozen)
+    partition = random_partition(rng, num_tokens, cfg.num_subsets)  # Fresh split every step.
+
+    def loss_fn(params):
+      recon = net.apply({'params': params}, features, partition)
+      sq, one_minus_cos = residuals(features, recon)
+      l2, cos_term = sq.mean(), one_minus_cos.mean()
+      return l2 + cfg.cosine_weight * cos_term, {'l2': l2, 'cosine': cos_term}
+
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state, norms = optim.apply_gradients(state, grads)
+    return state, {'loss': loss, **parts, **norms}
+
+  def score(state, batch, frozen):
+    features = features_of(batch, frozen)
+    recon = net.apply({'params': state.params}, features, test_partition)
+    sq, one_minus_cos = residuals(features, recon)
+    maps = layers.resize_maps(sq * one_minus_cos, image_size)  # Eq. 3, then resize + smooth.
+    maps = layers.gaussian_blur(maps, cfg.smoothing_sigma)
+    return maps, jnp.std(maps, axis=(1, 2))
+
+  return AnomalyModel(init=init, train_step=train_step, score=score,
+                      frozen={'backbone': extractor.params}, precompute=precompute,
+                      cached_keys=('features',) if config.backbone.cache_features else ())

@@ -1,0 +1,49 @@
+"""Data-parallel sharding: a ('data',) mesh over every device of every process."""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def make_mesh() -> Mesh:
+  return Mesh(np.array(jax.devices()), ('data',))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = 'batch_size') -> int:
+  """Returns the per-process batch; the global batch must split evenly over devices."""
+  if global_batch % mesh.devices.size:
+    raise ValueError(f'{what}={global_batch} is not divisible by the {mesh.devices.size} devices.')
+  return global_batch // jax.process_count()
+
+
+def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
+  """Global arrays from this process's slice of every global batch (multi-host ready)."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def local_rows(batch: dict, process_index: int, process_count: int) -> dict:
+  """This process's contiguous slice of a global batch that every process holds."""
+  n = len(next(iter(batch.values()))) // process_count
+  return {k: v[process_index * n:(process_index + 1) * n] for k, v in batch.items()}
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, replicated(mesh))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A batch-sharded global array as one numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,0 +1,202 @@
+"""The one training harness for every jaxad model: data, sharded jitted steps, logging, checkpoints."""
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metrics as clu_metrics
+from clu import parameter_overview
+from flax.training import train_state
+from tqdm.auto import tqdm
+
+from jaxad import evaluate, models, parallel, writers
+from jaxad.data import folder, pipeline
+
+# Keys of input batches the models never train on.
+_EVAL_ONLY_KEYS = ('label', 'mask', 'index')
+
+
+class TrainingDiverged(FloatingPointError):
+  """A loss or metric became NaN/Inf; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class RunState:
+  step: jax.Array  # Number of completed training steps (int32 scalar).
+  model: Any       # The model's state pytree.
+
+
+@functools.lru_cache(maxsize=None)
+def _collection(keys: tuple[str, ...]):
+  return clu_metrics.Collection.create(**{k: clu_metrics.Average.from_output(k) for k in keys})
+
+
+def params_of(state) -> dict:
+  """Every TrainState's params inside a model state, keyed by path (for the parameter table)."""
+  is_train_state = lambda n: isinstance(n, train_state.TrainState)
+  leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_train_state)[0]
+  return {jax.tree_util.keystr(p) or 'params': n.params for p, n in leaves if is_train_state(n)}
+
+
+def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
+  """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source."""
+  batch_size = config.eval_batch_size
+  parallel.check_batch_size(batch_size, mesh, 'eval_batch_size')
+  fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
+  parts = {k: [] for k in model.cached_keys}
+  batches = pipeline.ordered_batches(source, batch_size, config.dataset.num_workers)
+  for batch, n in tqdm(batches, total=-(-len(source) // batch_size), desc='caching features',
+                       disable=jax.process_index() != 0):
+    local = parallel.local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
+    out = fn(parallel.shard_batch(local, mesh), frozen)
+    for k in parts:
+      parts[k].append(np.asarray(out[k])[:n])
+  return pipeline.ArraySource({k: np.concatenate(v) for k, v in parts.items()}, name=repr(source))
+
+
+def make_train_step(model: models.AnomalyModel, mesh, train_key: jax.Array):
+  """jit(step) with the batch sharded over 'data', state replicated and donated."""
+  def step(run_state: RunState, batch, frozen):
+    rng = jax.random.fold_in(train_key, run_state.step)
+    state, metrics = model.train_step(run_state.model, batch, rng, frozen)
+    metrics = {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
+    return RunState(run_state.step + 1, state), metrics
+  repl = parallel.replicated(mesh)
+  return jax.jit(step, donate_argnums=0, out_shardings=(repl, repl))
+
+
+def init_run_state(model: models.AnomalyModel, example: dict, frozen, mesh, init_key) -> RunState:
+  def init(batch, frozen):
+    return RunState(jnp.zeros((), jnp.int32), model.init(init_key, batch, frozen))
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(example, frozen)
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, 'checkpoints')),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, eval_fn=None,
+          stop_after: int | None = None) -> tuple[models.AnomalyModel, Any, Any]:
+  """Trains (or resumes) one model on `train_samples`; returns (model, model state, frozen).
+
+  `stop_after`: end (with a checkpoint) after this many total steps, as a preempted run would.
+  """
+  jax.config.update('jax_threefry_partitionable', True)
+  pi, pc = jax.process_index(), jax.process_count()
+  parallel.check_batch_size(config.batch_size, mesh)
+  total = pipeline.total_steps(len(train_samples), config)
+  steps_per_epoch = len(train_samples) / config.batch_size
+  model = models.build(config, total)
+  frozen = parallel.replicate(model.frozen, mesh)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+
+  source = pipeline.ImageSource(train_samples, config.dataset.image_size, config.dataset.channels)
+  if model.cached_keys and pipeline.augmentation(config) is None:
+    source = precompute_source(model, frozen, source, config, mesh)
+  it = pipeline.train_iterator(source, config, process_index=pi, process_count=pc)
+
+  example = {k: v[None] for k, v in source[0].items() if k not in _EVAL_ONLY_KEYS}
+  run_state = init_run_state(model, example, frozen, mesh, init_key)
+  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(params_of(run_state.model)))
+
+  mngr = checkpoint_manager(workdir, config)
+  latest = mngr.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, run_state)
+    restored = mngr.restore(latest, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(it)))
+    run_state = restored.state
+    logging.info('Resumed from step %d in %s', latest, mngr.directory)
+  start = int(run_state.step)
+
+  def save(step):
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(run_state), data=grain.checkpoint.CheckpointSave(it)))
+
+  train_step = make_train_step(model, mesh, train_key)
+  writer = writers.MetricWriter(workdir)
+  accumulated, pending, t0, n0 = None, None, time.perf_counter(), start
+
+  def record(step, metrics):
+    nonlocal accumulated
+    host = jax.device_get(metrics)
+    bad = {k: v for k, v in host.items() if not np.isfinite(v)}
+    if bad:
+      mngr.wait_until_finished()
+      raise TrainingDiverged(
+          f'Non-finite {bad} at step {step}; training stopped. Last good checkpoint: step '
+          f'{mngr.latest_step()} in {mngr.directory}.')
+    one = _collection(tuple(sorted(host))).single_from_model_output(**host)
+    accumulated = one if accumulated is None else accumulated.merge(one)
+
+  pbar = tqdm(total=total, initial=start, desc=f'train {config.model.name}', disable=pi != 0)
+  try:
+    end = total if stop_after is None else min(total, stop_after)
+    for step in range(start, end):
+      batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
+      run_state, metrics = train_step(run_state, parallel.shard_batch(batch, mesh), frozen)
+      if pending is not None:  # Check the previous step while this one runs.
+        record(step, pending)
+      pending, done = metrics, step + 1
+      evaluate_now = (eval_fn is not None and config.eval_every_epochs and done < total and
+                      int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch) and
+                      int(done / steps_per_epoch) % config.eval_every_epochs == 0)
+      if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done in (total, end) \
+          or evaluate_now:
+        record(done, pending)
+        pending = None
+      if done % config.log_every == 0 or done == total:
+        scalars = {f'train/{k}': float(v) for k, v in accumulated.compute().items()}
+        elapsed = time.perf_counter() - t0
+        scalars['train/img_per_s'] = (done - n0) * config.batch_size / max(elapsed, 1e-9)
+        scalars['train/epoch'] = done / steps_per_epoch
+        writer.write_scalars(done, scalars)
+        pbar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
+                         img_s=f"{scalars['train/img_per_s']:.1f}")
+        accumulated, t0, n0 = None, time.perf_counter(), done
+      if done % config.checkpoint_every == 0 or done in (total, end):
+        save(done)
+      if evaluate_now:
+        writer.write_scalars(done, eval_fn(model, run_state.model, frozen, done))
+      pbar.update(1)
+  finally:
+    pbar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  return model, run_state.model, frozen
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains and evaluates as the config says; writes metrics.json, results.md and heatmaps/."""
+  mesh = parallel.make_mesh()
+  root = pipeline.dataset_root(config)
+  categories = folder.resolve_categories(root, config.dataset.categories)
+  groups = ({'': categories} if config.dataset.unified else {c: [c] for c in categories})
+  results = {}
+  for name, cats in groups.items():
+    run_dir = os.path.join(workdir, name) if name else workdir
+    train_samples = [s for c in cats for s in pipeline.scan(config, root, c, 'train')]
+    test = {c: pipeline.scan(config, root, c, 'test') for c in cats}
+    logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
+
+    def eval_fn(model, state, frozen, step, run_dir=run_dir, test=test):
+      per_cat = evaluate.evaluate(config, model, state, frozen, test, mesh,
+                                  os.path.join(run_dir, f'eval_step{step}'))
+      return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
+
+    model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)
+    results.update(evaluate.evaluate(config, model, state, frozen, test, mesh, run_dir))
+  evaluate.write_results(workdir, results, config)
+  return results

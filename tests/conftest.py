@@ -1,0 +1,45 @@
+"""Shared fixtures: a small generated dataset and tiny configs for fast harness tests."""
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REALAD = REPO.parent / 'shared' / 'data' / 'realad'
+
+
+@pytest.fixture(scope='session')
+def tiny_dataset(tmp_path_factory) -> str:
+  """Two synthetic categories at 64x64 in MVTec layout (12 train, 4 good + 6 defect test images)."""
+  from jaxad.data import synthetic
+  root = tmp_path_factory.mktemp('tiny_synthetic')
+  return synthetic.generate(str(root), seed=0, image_size=64, num_train=12, num_test_good=4,
+                            num_test_defect=6, categories=synthetic.CATEGORIES[:2])
+
+
+def tiny_sivt_config(root: str, **overrides):
+  """configs/sivt.py shrunk to seconds: 64x64 images, a 1+1-block ViT."""
+  from configs import sivt
+  c = sivt.get_config()
+  c.dataset.name = 'folder'
+  c.dataset.root = root
+  c.dataset.image_size = 64
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_epochs = 2
+  c.log_every = 2
+  c.checkpoint_every = 100
+  c.num_heatmaps = 2
+  c.sivt.feature_size = 8
+  c.sivt.width = 32
+  c.sivt.num_heads = 4
+  c.sivt.encoder_depth = 1
+  c.sivt.decoder_depth = 1
+  c.sivt.smoothing_sigma = 2.0
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c

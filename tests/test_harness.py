@@ -1,0 +1,148 @@
+"""The shared harness: determinism, bitwise resume, sharding over 8 fake devices, outputs, bad input."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, tiny_sivt_config
+from jaxad import parallel, train
+from jaxad.data import folder, pipeline
+
+
+def _train(config, workdir, stop_after=None):
+  root = config.dataset.root
+  samples = [s for c in folder.resolve_categories(root, 'all')
+             for s in pipeline.scan(config, root, c, 'train')]
+  _, state, _ = train.train(config, str(workdir), samples, parallel.make_mesh(), stop_after=stop_after)
+  return jax.device_get(state.params)
+
+
+def _assert_bitwise_equal(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_same_seed_is_bitwise_reproducible_and_seed_matters(tiny_dataset, tmp_path):
+  config = tiny_sivt_config(tiny_dataset)
+  a = _train(config, tmp_path / 'a')
+  b = _train(config, tmp_path / 'b')
+  _assert_bitwise_equal(a, b)
+  c = _train(tiny_sivt_config(tiny_dataset, seed=1), tmp_path / 'c')
+  assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(c)[0])
+
+
+def test_resume_equals_uninterrupted_run(tiny_dataset, tmp_path):
+  config = tiny_sivt_config(tiny_dataset, num_epochs=3)
+  full = _train(config, tmp_path / 'full')
+  _train(config, tmp_path / 'resumed', stop_after=3)
+  assert (tmp_path / 'resumed' / 'checkpoints' / '3').exists()
+  resumed = _train(config, tmp_path / 'resumed')
+  _assert_bitwise_equal(full, resumed)
+
+
+def test_grain_batches_do_not_depend_on_worker_count(tiny_dataset):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  batches = []
+  for workers in (0, 2):
+    config = tiny_sivt_config(tiny_dataset, **{'dataset.num_workers': workers})
+    samples = pipeline.scan(config, tiny_dataset, folder.list_categories(tiny_dataset)[0], 'train')
+    source = pipeline.ImageSource(samples, 64, 3)
+    it = pipeline.train_iterator(source, config, process_index=0, process_count=1)
+    batches.append([next(it)['image'] for _ in range(3)])
+  for x, y in zip(*batches):
+    np.testing.assert_array_equal(x, y)
+
+
+_EIGHT_DEVICES = textwrap.dedent('''
+    import os, sys
+    os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
+    sys.path[:0] = [{tests!r}, {repo!r}]
+    import jax, numpy as np
+    assert len(jax.devices()) == 8, jax.devices()
+    import test_harness as th
+    from conftest import tiny_sivt_config
+    config = tiny_sivt_config({root!r}, num_epochs=3)
+    full = th._train(config, {work!r} + '/full')
+    th._train(config, {work!r} + '/resumed', stop_after=2)
+    th._assert_bitwise_equal(full, th._train(config, {work!r} + '/resumed'))
+    th._assert_bitwise_equal(full, th._train(config, {work!r} + '/again'))
+    print('EIGHT_DEVICES_OK')
+''')
+
+
+def test_eight_devices_resume_and_repeat_bitwise(tiny_dataset, tmp_path):
+  script = _EIGHT_DEVICES.format(tests=str(REPO / 'tests'), repo=str(REPO), root=tiny_dataset,
+                                 work=str(tmp_path))
+  out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=900)
+  assert 'EIGHT_DEVICES_OK' in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'jaxad.main', '--config', str(REPO / 'configs' / 'sivt.py'),
+         '--workdir', str(workdir), '--config.dataset.name=folder',
+         f'--config.dataset.root={tiny_dataset}', '--config.dataset.image_size=64',
+         '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_epochs=1',
+         '--config.num_heatmaps=2', '--config.sivt.feature_size=8', '--config.sivt.width=32',
+         '--config.sivt.encoder_depth=1', '--config.sivt.decoder_depth=1']
+  first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  result = json.loads((workdir / 'metrics.json').read_text())
+  categories = folder.list_categories(tiny_dataset)
+  assert sorted(result['categories']) == categories
+  for name in ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max'):
+    assert 0.0 <= result['mean'][name] <= 1.0
+  assert '| **mean** |' in (workdir / 'results.md').read_text()
+  for c in categories:
+    pngs = list((workdir / 'heatmaps' / c).glob('*.png'))
+    assert len(pngs) == 2
+    assert Image.open(pngs[0]).size == (3 * 64, 64)
+  logged = [json.loads(line) for line in (workdir / 'log.jsonl').read_text().splitlines()]
+  assert logged and all(np.isfinite(r['train/loss']) for r in logged if 'train/loss' in r)
+  assert list((workdir / 'tb').iterdir())
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert f'Resumed from step {steps[-1]}' in second.stderr
+
+
+def test_per_category_mode_trains_one_model_per_category(tiny_dataset, tmp_path):
+  config = tiny_sivt_config(tiny_dataset, num_epochs=1, **{'dataset.unified': False})
+  results = train.train_and_evaluate(config, str(tmp_path))
+  categories = folder.list_categories(tiny_dataset)
+  assert sorted(results) == categories
+  for c in categories:
+    assert (tmp_path / c / 'checkpoints').exists()
+  assert (tmp_path / 'metrics.json').exists()
+
+
+def test_corrupt_training_image_stops_with_its_name(tiny_dataset, tmp_path):
+  import shutil
+  root = tmp_path / 'data'
+  shutil.copytree(tiny_dataset, root)
+  category = folder.list_categories(str(root))[0]
+  victim = sorted((root / category / 'train' / 'good').iterdir())[3]
+  victim.write_bytes(victim.read_bytes()[:60])
+  with pytest.raises(folder.DatasetError, match=victim.name):
+    train.train_and_evaluate(tiny_sivt_config(str(root)), str(tmp_path / 'run'))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
+  config = tiny_sivt_config(tiny_dataset, num_epochs=3, checkpoint_every=1)
+  config.optimizer.learning_rate = 1e30  # Diverges within a few steps.
+  config.optimizer.warmup_steps = 0
+  with pytest.raises(train.TrainingDiverged, match='Last good checkpoint') as info:
+    _train(config, tmp_path)
+  steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
+  assert f'step {steps[-1]}' in str(info.value)
