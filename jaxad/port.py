@@ -22,6 +22,8 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
+    import jax
+
     from jaxad.models import backbones
     from jaxad.models.backbones import registry
     from jaxad.models.backbones.common import PREPROCESS_DOC
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pre = a.preprocess or implied or registry.arch_info(a.arch).default_preprocess
     registry.save_npz(a.out, variables, arch=a.arch, preprocess=pre, source=os.path.basename(source))
-    n = sum(int(v.size) for v in __import__("jax").tree.leaves(variables))
+    n = sum(int(v.size) for v in jax.tree.leaves(variables))
     print(f"{a.arch}: {n:,} values from {source} -> {a.out} (preprocess={pre}, "
           f"{time.perf_counter() - t0:.1f}s)")
     return 0

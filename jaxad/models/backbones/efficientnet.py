@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .common import conv, frozen_bn
+from .common import DepthwiseConv, conv, frozen_bn
 
 # (block type, repeats, kernel, stride, expansion, out channels) of the B0 / Lite0 base
 _BASE_STAGES = (
@@ -157,7 +157,7 @@ class MBBlock(nn.Module):
         bn = lambda name: frozen_bn(name=name, eps=self.eps, dtype=dt)  # noqa: E731
         shortcut = x
         if b.kind == "ds":
-            x = conv(b.mid_ch, b.kernel, b.stride, groups=b.mid_ch, padding=pad, name="conv_dw", dtype=dt)(x)
+            x = DepthwiseConv(b.kernel, b.stride, pad, dt, name="conv_dw")(x)
             x = self.act(bn("bn1")(x))
             if b.se_ch:
                 x = SqueezeExcite(b.se_ch, self.act, dt, name="se")(x)
@@ -166,7 +166,7 @@ class MBBlock(nn.Module):
         else:
             x = conv(b.mid_ch, 1, padding=pad, name="conv_pw", dtype=dt)(x)
             x = self.act(bn("bn1")(x))
-            x = conv(b.mid_ch, b.kernel, b.stride, groups=b.mid_ch, padding=pad, name="conv_dw", dtype=dt)(x)
+            x = DepthwiseConv(b.kernel, b.stride, pad, dt, name="conv_dw")(x)
             x = self.act(bn("bn2")(x))
             if b.se_ch:
                 x = SqueezeExcite(b.se_ch, self.act, dt, name="se")(x)

