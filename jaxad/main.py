@@ -3,6 +3,7 @@
 Re-running with the same workdir resumes from the latest checkpoint.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -23,9 +24,18 @@ def _wants_distributed() -> bool:
       os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Keeps orbax/grain INFO chatter (dozens of lines per checkpoint) out of the log."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or not any(
+        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'array_record'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
   jax.config.update('jax_threefry_partitionable', True)
   if _wants_distributed():
