@@ -43,3 +43,10 @@ def tiny_sivt_config(root: str, **overrides):
       node = node[p]
     node[last] = value
   return c
+
+
+@pytest.fixture(scope='session')
+def embedded_dataset(tmp_path_factory) -> str:
+  """The default embedded dataset exactly as `dataset.name='synthetic'` generates it."""
+  from jaxad.data import synthetic
+  return synthetic.ensure(str(tmp_path_factory.mktemp('embedded')))
