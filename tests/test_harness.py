@@ -117,14 +117,19 @@ def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
   assert f'Resumed from step {steps[-1]}' in second.stderr
 
 
-def test_per_category_mode_trains_one_model_per_category(tiny_dataset, tmp_path):
-  config = tiny_sivt_config(tiny_dataset, num_epochs=1, **{'dataset.unified': False})
+def test_per_category_mode_with_periodic_evaluation(tiny_dataset, tmp_path):
+  config = tiny_sivt_config(tiny_dataset, num_epochs=2, eval_every_epochs=1,
+                            **{'dataset.unified': False})
   results = train.train_and_evaluate(config, str(tmp_path))
   categories = folder.list_categories(tiny_dataset)
   assert sorted(results) == categories
   for c in categories:
     assert (tmp_path / c / 'checkpoints').exists()
-  assert (tmp_path / 'metrics.json').exists()
+    logged = [json.loads(line) for line in (tmp_path / c / 'log.jsonl').read_text().splitlines()]
+    assert any('eval/image_auroc' in r for r in logged)  # Evaluated after epoch 1 of 2.
+    assert (tmp_path / c / 'eval_step2' / 'heatmaps' / c).is_dir()
+  summary = json.loads((tmp_path / 'metrics.json').read_text())
+  assert sorted(summary['categories']) == categories
 
 
 def test_corrupt_training_image_stops_with_its_name(tiny_dataset, tmp_path):
