@@ -43,7 +43,10 @@ def main(argv):
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   from jaxad import train
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    logging.warning('Stopped cleanly: %s', e)
 
 
 if __name__ == '__main__':

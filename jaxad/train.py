@@ -2,6 +2,8 @@
 
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,6 +25,30 @@ from jaxad.data import folder, pipeline
 
 # Keys of input batches the models never train on.
 _EVAL_ONLY_KEYS = ('label', 'mask', 'index')
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived during training: a checkpoint was saved; rerun to resume."""
+
+
+class _StopSignals:
+  """Records SIGTERM/SIGINT instead of dying mid-step (main thread only; restores handlers on exit)."""
+
+  def __enter__(self):
+    self.received = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -142,34 +168,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
 
   pbar = tqdm(total=total, initial=start, desc=f'train {config.model.name}', disable=pi != 0)
   try:
-    end = total if stop_after is None else min(total, stop_after)
-    for step in range(start, end):
-      batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
-      run_state, metrics = train_step(run_state, parallel.shard_batch(batch, mesh), frozen)
-      if pending is not None:  # Check the previous step while this one runs.
-        record(step, pending)
-      pending, done = metrics, step + 1
-      evaluate_now = (eval_fn is not None and config.eval_every_epochs and done < total and
-                      int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch) and
-                      int(done / steps_per_epoch) % config.eval_every_epochs == 0)
-      if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done in (total, end) \
-          or evaluate_now:
-        record(done, pending)
-        pending = None
-      if done % config.log_every == 0 or done == total:
-        scalars = {f'train/{k}': float(v) for k, v in accumulated.compute().items()}
-        elapsed = time.perf_counter() - t0
-        scalars['train/img_per_s'] = (done - n0) * config.batch_size / max(elapsed, 1e-9)
-        scalars['train/epoch'] = done / steps_per_epoch
-        writer.write_scalars(done, scalars)
-        pbar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
-                         img_s=f"{scalars['train/img_per_s']:.1f}")
-        accumulated, t0, n0 = None, time.perf_counter(), done
-      if done % config.checkpoint_every == 0 or done in (total, end):
-        save(done)
-      if evaluate_now:
-        writer.write_scalars(done, eval_fn(model, run_state.model, frozen, done))
-      pbar.update(1)
+    with _StopSignals() as stop:
+      end = total if stop_after is None else min(total, stop_after)
+      for step in range(start, end):
+        batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
+        run_state, metrics = train_step(run_state, parallel.shard_batch(batch, mesh), frozen)
+        if pending is not None:  # Check the previous step while this one runs.
+          record(step, pending)
+        pending, done = metrics, step + 1
+        preempted = stop.received is not None
+        evaluate_now = (eval_fn is not None and config.eval_every_epochs and done < total and
+                        int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch) and
+                        int(done / steps_per_epoch) % config.eval_every_epochs == 0)
+        if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done in (total, end) \
+            or evaluate_now or preempted:
+          record(done, pending)
+          pending = None
+        if done % config.log_every == 0 or done == total:
+          scalars = {f'train/{k}': float(v) for k, v in accumulated.compute().items()}
+          elapsed = time.perf_counter() - t0
+          scalars['train/img_per_s'] = (done - n0) * config.batch_size / max(elapsed, 1e-9)
+          scalars['train/epoch'] = done / steps_per_epoch
+          writer.write_scalars(done, scalars)
+          pbar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
+                           img_s=f"{scalars['train/img_per_s']:.1f}")
+          accumulated, t0, n0 = None, time.perf_counter(), done
+        if done % config.checkpoint_every == 0 or done in (total, end) or preempted:
+          save(done)
+        if evaluate_now:
+          writer.write_scalars(done, eval_fn(model, run_state.model, frozen, done))
+        pbar.update(1)
+        if preempted:
+          mngr.wait_until_finished()
+          raise Preempted(f'{stop.received} at step {done}: checkpoint saved in {mngr.directory}; '
+                          'rerun the same command to resume.')
   finally:
     pbar.close()
     mngr.wait_until_finished()

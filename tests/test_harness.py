@@ -152,3 +152,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
     _train(config, tmp_path)
   steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps[-1] == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path):
+  import signal
+  import time
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, '-m', 'jaxad.main', '--config', str(REPO / 'configs' / 'sivt.py'),
+         '--workdir', str(workdir), '--config.dataset.name=folder',
+         f'--config.dataset.root={tiny_dataset}', '--config.dataset.image_size=64',
+         '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_epochs=400',
+         '--config.log_every=1', '--config.num_heatmaps=0', '--config.sivt.feature_size=8',
+         '--config.sivt.width=32', '--config.sivt.encoder_depth=1', '--config.sivt.decoder_depth=1']
+  err = tmp_path / 'stderr.txt'
+  with open(err, 'w') as f:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=f, text=True)
+    log, deadline = workdir / 'log.jsonl', time.time() + 300
+    while not (log.exists() and log.read_text().count('\n') >= 2) and time.time() < deadline:
+      time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, err.read_text()[-3000:]
+  assert 'Stopped cleanly: SIGTERM at step' in err.read_text()
+  steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
+  assert steps and max(steps) < 600  # 400 epochs of 24 images at batch 8 = 1200 steps.
+  assert not (workdir / 'metrics.json').exists()
+  with open(err, 'w') as f:
+    rerun = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=f, text=True)
+    deadline = time.time() + 300
+    while 'Resumed from step' not in err.read_text() and time.time() < deadline:
+      time.sleep(0.5)
+    rerun.send_signal(signal.SIGTERM)
+    rerun.wait(timeout=300)
+  assert f'Resumed from step {max(steps)}' in err.read_text()
