@@ -14,16 +14,25 @@ from jaxad.data import pipeline
 METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
 
 
-def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) -> dict:
-  """Anomaly maps [N, H, W], image scores [N], labels [N] and masks [N, H, W] of `samples`."""
+def map_in_order(fn, source, config, mesh):
+  """Applies a jitted `fn(batch_of_images) -> outputs` to `source` in order, sharded over devices.
+
+  Yields (host outputs, host batch, number of valid rows); the last batch is padded.
+  """
   batch_size = config.eval_batch_size
   parallel.check_batch_size(batch_size, mesh, 'eval_batch_size')
+  for batch, n in pipeline.ordered_batches(source, batch_size, config.dataset.num_workers):
+    local = parallel.local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
+    yield jax.device_get(fn(parallel.shard_batch(local, mesh))), batch, n
+
+
+def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) -> dict:
+  """Anomaly maps [N, H, W], image scores [N], labels [N] and masks [N, H, W] of `samples`."""
   score_fn = score_fn or jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   source = pipeline.ImageSource(samples, config.dataset.image_size, config.dataset.channels)
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
-  for batch, n in pipeline.ordered_batches(source, batch_size, config.dataset.num_workers):
-    local = parallel.local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
-    maps, scores = score_fn(state, parallel.shard_batch(local, mesh), frozen)
+  for (maps, scores), batch, n in map_in_order(lambda b: score_fn(state, b, frozen), source, config,
+                                               mesh):
     out['maps'].append(np.asarray(maps, np.float32)[:n])
     out['scores'].append(np.asarray(scores, np.float32)[:n])
     out['labels'].append(batch['label'][:n])

@@ -75,15 +75,11 @@ def params_of(state) -> dict:
 
 def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
   """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source."""
-  batch_size = config.eval_batch_size
-  parallel.check_batch_size(batch_size, mesh, 'eval_batch_size')
   fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
   parts = {k: [] for k in model.cached_keys}
-  batches = pipeline.ordered_batches(source, batch_size, config.dataset.num_workers)
-  for batch, n in tqdm(batches, total=-(-len(source) // batch_size), desc='caching features',
-                       disable=jax.process_index() != 0):
-    local = parallel.local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
-    out = fn(parallel.shard_batch(local, mesh), frozen)
+  batches = evaluate.map_in_order(lambda b: fn(b, frozen), source, config, mesh)
+  for out, _, n in tqdm(batches, total=-(-len(source) // config.eval_batch_size),
+                        desc='caching features', disable=jax.process_index() != 0):
     for k in parts:
       parts[k].append(np.asarray(out[k])[:n])
   return pipeline.ArraySource({k: np.concatenate(v) for k, v in parts.items()}, name=repr(source))
