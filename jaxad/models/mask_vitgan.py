@@ -1,0 +1,284 @@
+"""Mask-ViT-GAN: U-ViT GAN with multi-scale complementary block masks and ToMe (mask_vit_gan_tome.txt).
+
+Zhao et al., "Metal Surface Defect Detection Based on a Transformer with Multi-Scale Mask Feature
+Fusion", Sensors 2023.
+
+* Masks (Sec. 2.2, Fig. 5): three scales; at each a checkerboard of n x n square blocks (n even, so
+  white:black is exactly 1:1) and its complement. Mask value 1 ("white") = removed: those pixels
+  are set to 0 before the generator.
+* Generator (Sec. 2.1, Fig. 2-4): GANomaly-style encoder-decoder of ViT blocks. Encoder: patch
+  embedding + fixed sincos positions, `depth` blocks, LayerNorm and a linear map to the latent
+  tokens z. Decoder: linear map back to the width, `depth` blocks, each fed concat(h_main, h_skip)
+  through a linear layer, where the skip of decoder block j is the output of encoder block
+  depth-1-j (U-ViT: first encoder block -> last decoder block, ...); LayerNorm, a linear patch
+  head, unpatchify, then a 3x3 convolution. An extra encoder (same architecture, own weights)
+  re-encodes the reconstruction: z_hat, for L_enc.
+* Discriminator (Sec. 2.1.3, 2.3): ViT whose blocks merge r tokens each (ToMe, jaxad/models/tome.py),
+  LayerNorm, size-weighted mean over tokens, a hidden "middle" layer (the features f used for
+  feature matching) and a linear layer to one logit; D(x) = sigmoid(logit).
+* Training (Sec. 2.4.1): per image a random scale (from the step rng); both complementary masked
+  copies are reconstructed. D is updated first (BCE: real -> 1, both reconstructions -> 0), then G
+  with D's new weights: L = a1 L_adv + a2 L_enc + a3 L_con (Eq. 1-5), L_adv = ||f(x) - f(x_hat)||^2,
+  L_enc = ||z - z_hat||^2, L_con = L1 + (1 - SSIM) + L1 of image gradients.
+* Test (Sec. 2.4.2, Eq. 6-9): all six masked copies are reconstructed; each complementary pair is
+  merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| (channel mean);
+  the final map is E_f with f = argmax_i (mean(E_i) - mu) where mu is the mean over the three
+  scales of mean(E_i) (Eq. 8; `select` offers the |.| reading and the plain average too); the
+  image score is the maximum of the Gaussian-smoothed final map.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from jaxad import losses, optim
+from jaxad.models import AnomalyModel, layers, tome
+
+
+def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
+  """[S, 2, H, W] float32 masks, 1 = removed: per scale an n x n block checkerboard and its complement."""
+  out = []
+  for n in cells:
+    if n % 2 or image_size % n:
+      raise ValueError(f'mask_cells entry {n} must be even and divide image_size {image_size}')
+    block = image_size // n
+    idx = np.arange(image_size) // block
+    checker = ((idx[:, None] + idx[None, :]) % 2).astype(np.float32)
+    out.append(np.stack([checker, 1.0 - checker]))
+  return np.stack(out)
+
+
+def _patch_embed(x, patch_size, width, dtype, name):
+  b, h, w, _ = x.shape
+  gh, gw = h // patch_size, w // patch_size
+  x = nn.Conv(width, (patch_size, patch_size), strides=(patch_size, patch_size), padding='VALID',
+              dtype=dtype, name=name)(x)
+  pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, width))
+  return x.reshape(b, gh * gw, width) + pos.astype(x.dtype)
+
+
+class ViTEncoder(nn.Module):
+  """Image [B, H, W, C] -> (latent tokens z [B, N, latent_dim], block outputs [depth x [B, N, D]])."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  latent_dim: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array):
+    x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
+    hs = []
+    for i in range(self.depth):
+      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'block_{i}')(x)
+      hs.append(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
+    z = nn.Dense(self.latent_dim, dtype=self.dtype, name='to_latent')(x)
+    return z.astype(jnp.float32), hs
+
+
+class UViTGenerator(nn.Module):
+  """Masked image [B, H, W, C] -> (reconstruction [B, H, W, C], latent z [B, N, latent_dim])."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  latent_dim: int
+  channels: int
+  mlp_ratio: float = 4.0
+  long_skips: bool = True
+  out_conv: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array):
+    b, h, w, _ = image.shape
+    p = self.patch_size
+    gh, gw = h // p, w // p
+    z, hs = ViTEncoder(p, self.width, self.depth, self.num_heads, self.latent_dim, self.mlp_ratio,
+                       self.dtype, name='encoder')(image)
+    pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, self.width)).astype(self.dtype)
+    x = nn.Dense(self.width, dtype=self.dtype, name='from_latent')(z.astype(self.dtype)) + pos
+    for j in range(self.depth):
+      if self.long_skips:  # U-ViT: concat(h_m, h_s) -> linear, before the block.
+        skip = hs[self.depth - 1 - j]
+        x = nn.Dense(self.width, dtype=self.dtype, name=f'skip_linear_{j}')(
+            jnp.concatenate([x, skip], axis=-1))
+      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_block_{j}')(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(x)
+    x = nn.Dense(p * p * self.channels, dtype=self.dtype, name='decoder_pred')(x)
+    x = x.reshape(b, gh, gw, p, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, h, w, self.channels)
+    if self.out_conv:  # 3x3 conv against ViT patch artifacts (Sec. 2.1.2).
+      x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='out_conv')(x)
+    return x.astype(jnp.float32), z
+
+
+class ToMeDiscriminator(nn.Module):
+  """Image [B, H, W, C] -> (logit [B], middle-layer features [B, feature_dim]); D = sigmoid(logit)."""
+  patch_size: int
+  width: int
+  depth: int
+  num_heads: int
+  feature_dim: int
+  r: int = 0
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, image: jax.Array):
+    x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
+    size = jnp.ones(x.shape[:2], jnp.float32)
+    for i in range(self.depth):
+      x, size = tome.ToMeBlock(self.num_heads, self.mlp_ratio, self.r, self.dtype,
+                               name=f'block_{i}')(x, size)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x).astype(jnp.float32)
+    pooled = jnp.sum(x * size[..., None], axis=1) / jnp.sum(size, axis=1, keepdims=True)
+    features = nn.gelu(nn.Dense(self.feature_dim, dtype=self.dtype, name='middle')(pooled),
+                       approximate=False).astype(jnp.float32)
+    logit = nn.Dense(1, dtype=self.dtype, name='head')(features)[:, 0]
+    return logit.astype(jnp.float32), features
+
+
+def gradient_l1(a: jax.Array, b: jax.Array) -> jax.Array:
+  """L1 distance of the forward-difference image gradients (Eq. 4), averaged over both directions."""
+  dy = lambda x: x[:, 1:] - x[:, :-1]
+  dx = lambda x: x[:, :, 1:] - x[:, :, :-1]
+  return 0.5 * (jnp.mean(jnp.abs(dy(a) - dy(b))) + jnp.mean(jnp.abs(dx(a) - dx(b))))
+
+
+def consistency_loss(target: jax.Array, recon: jax.Array) -> tuple[jax.Array, dict]:
+  """L_con = L1 + (1 - SSIM) + gradient L1 (Eq. 1-4)."""
+  l1 = jnp.mean(jnp.abs(recon - target))
+  ssim = losses.ssim_loss(recon, target)
+  grad = gradient_l1(target, recon)
+  return l1 + ssim + grad, {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
+
+
+def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
+  """errors [B, S, H, W] -> final map [B, H, W] (Eq. 8-9)."""
+  avg = jnp.mean(errors, axis=(2, 3))                      # average(E_i)  [B, S]
+  mu = jnp.mean(avg, axis=1, keepdims=True)                # reference over the scales
+  if rule == 'mean':
+    return jnp.mean(errors, axis=1)
+  if rule == 'eq8':
+    f = jnp.argmax(avg - mu, axis=1)
+  elif rule == 'distance':
+    f = jnp.argmax(jnp.abs(avg - mu), axis=1)
+  else:
+    raise ValueError(f"Unknown select rule {rule!r}; expected 'eq8', 'distance' or 'mean'.")
+  return jnp.take_along_axis(errors, f[:, None, None, None], axis=1)[:, 0]
+
+
+def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
+  cfg = config.mvg
+  dtype = jnp.dtype(config.dtype)
+  size = config.dataset.image_size
+  channels = config.dataset.channels
+  for name, p in (('patch_size', cfg.patch_size), ('disc_patch_size', cfg.disc_patch_size)):
+    if size % p:
+      raise ValueError(f'mvg.{name} {p} does not divide image_size {size}')
+  masks = jnp.asarray(complementary_masks(size, tuple(cfg.mask_cells)))  # [S, 2, H, W]
+  num_scales = masks.shape[0]
+  gen = UViTGenerator(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim, channels,
+                      cfg.mlp_ratio, cfg.long_skips, cfg.out_conv, dtype)
+  enc = ViTEncoder(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim,
+                   cfg.mlp_ratio, dtype)
+  disc = ToMeDiscriminator(cfg.disc_patch_size, cfg.disc_width, cfg.disc_depth, cfg.disc_num_heads,
+                           cfg.disc_feature_dim, cfg.tome_r, cfg.mlp_ratio, dtype)
+  a_adv, a_enc, a_con = (float(a) for a in cfg.alpha)
+  g_tx = optim.make_optimizer(config.optimizer, total_steps)
+  d_tx = optim.make_optimizer(config.optimizer, total_steps)
+
+  def init(rng, batch, frozen):
+    del frozen
+    x = batch['image']
+    kg, ke, kd = jax.random.split(rng, 3)
+    g_params = {'generator': gen.init(kg, x)['params'], 'encoder': enc.init(ke, x)['params']}
+    d_params = disc.init(kd, x)['params']
+    return {'g': train_state.TrainState.create(apply_fn=gen.apply, params=g_params, tx=g_tx),
+            'd': train_state.TrainState.create(apply_fn=disc.apply, params=d_params, tx=d_tx)}
+
+  def train_step(state, batch, rng, frozen):
+    del frozen
+    x = batch['image'].astype(jnp.float32)
+    b = x.shape[0]
+    scale = jax.random.randint(rng, (b,), 0, num_scales)
+    removed = masks[scale][..., None]                               # [B, 2, H, W, 1]
+    masked = (x[:, None] * (1.0 - removed)).reshape((2 * b,) + x.shape[1:])
+    target = jnp.repeat(x, 2, axis=0)                               # row 2i+j: image i, mask j
+    g_state, d_state = state['g'], state['d']
+
+    # One generator forward serves both updates: its pullback turns the G loss's gradients with
+    # respect to (reconstruction, z) into gradients for the generator weights.
+    (recon, z), gen_vjp = jax.vjp(lambda p: gen.apply({'params': p['generator']}, masked),
+                                  g_state.params)
+
+    # (1) Discriminator, generator fixed: real -> 1, both reconstructions -> 0.
+    fake = jax.lax.stop_gradient(recon)
+
+    def d_loss_fn(d_params):
+      logits, _ = disc.apply({'params': d_params}, jnp.concatenate([x, fake]))
+      real, fake_logits = logits[:b], logits[b:]
+      loss = (jnp.mean(optax.sigmoid_binary_cross_entropy(real, jnp.ones_like(real))) +
+              jnp.mean(optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))))
+      return loss, (jnp.mean(jax.nn.sigmoid(real)), jnp.mean(jax.nn.sigmoid(fake_logits)))
+
+    (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
+    d_state, d_norms = optim.apply_gradients(d_state, d_grads, prefix='d_')
+
+    # (2) Generator with the updated discriminator fixed (Eq. 5).
+    def g_loss_fn(g_params, recon, z):
+      z_hat, _ = enc.apply({'params': g_params['encoder']}, recon)
+      _, feats = disc.apply({'params': d_state.params}, jnp.concatenate([x, recon]))
+      real_f = jax.lax.stop_gradient(jnp.repeat(feats[:b], 2, axis=0))
+      adv = jnp.mean(jnp.square(real_f - feats[b:]))
+      enc_loss = jnp.mean(jnp.square(z - z_hat))
+      con, parts = consistency_loss(target, recon)
+      total = a_adv * adv + a_enc * enc_loss + a_con * con
+      return total, {'adv': adv, 'enc': enc_loss, 'con': con, **parts}
+
+    (g_loss, parts), (g_direct, d_recon, d_z) = jax.value_and_grad(
+        g_loss_fn, argnums=(0, 1, 2), has_aux=True)(g_state.params, recon, z)
+    (g_through,) = gen_vjp((d_recon, d_z))
+    g_grads = jax.tree.map(jnp.add, g_direct, g_through)
+    g_state, g_norms = optim.apply_gradients(g_state, g_grads, prefix='g_')
+    metrics = {'loss': g_loss, **parts, 'd_loss': d_loss, 'd_real': d_real, 'd_fake': d_fake,
+               'scale': jnp.mean(scale.astype(jnp.float32)), **g_norms, **d_norms}
+    return {'g': g_state, 'd': d_state}, metrics
+
+  def reconstruct_scales(g_params, x):
+    """x [B, H, W, C] -> merged reconstructions O_i [B, S, H, W, C] (Eq. 6)."""
+    b = x.shape[0]
+    removed = masks[None, ..., None]                                # [1, S, 2, H, W, 1]
+    masked = (x[:, None, None] * (1.0 - removed)).reshape((b * num_scales * 2,) + x.shape[1:])
+    recon, _ = gen.apply({'params': g_params['generator']}, masked)
+    recon = recon.reshape((b, num_scales, 2) + x.shape[1:])
+    return jnp.sum(recon * removed, axis=2)
+
+  def score(state, batch, frozen):
+    del frozen
+    x = batch['image'].astype(jnp.float32)
+    merged = reconstruct_scales(state['g'].params, x)
+    if cfg.error == 'l1':
+      errors = jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)     # E_i (Eq. 7) [B, S, H, W]
+    elif cfg.error == 'l2':
+      errors = jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
+    else:
+      raise ValueError(f"Unknown mvg.error {cfg.error!r}; expected 'l1' or 'l2'.")
+    maps = layers.gaussian_blur(select_error_map(errors, cfg.select), cfg.smoothing_sigma)
+    if cfg.image_score == 'max':
+      scores = jnp.max(maps, axis=(1, 2))
+    elif cfg.image_score == 'mean':
+      scores = jnp.mean(maps, axis=(1, 2))
+    else:
+      raise ValueError(f"Unknown mvg.image_score {cfg.image_score!r}; expected 'max' or 'mean'.")
+    return maps, scores
+
+  return AnomalyModel(init=init, train_step=train_step, score=score)
