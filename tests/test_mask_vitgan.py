@@ -1,0 +1,149 @@
+"""Mask-ViT-GAN: complementary masks, test-time merging rule, one GAN step, harness smoke runs, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mask_vitgan as mvg_config
+from jaxad import models, parallel, train
+from jaxad.data import folder, pipeline
+from jaxad.models import mask_vitgan as mvg
+
+
+def _override(c, overrides):
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def tiny_config(root, arg=None, **overrides):
+  """A config on a folder dataset at 64x64 with small widths (depths as the variant says)."""
+  c = mvg_config.get_config(arg)
+  c.dataset.name = 'folder'
+  c.dataset.root = root
+  c.dataset.image_size = 64
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.num_epochs = 1
+  c.log_every = 1
+  c.num_heatmaps = 0
+  return _override(c, overrides)
+
+
+@pytest.mark.parametrize('size,cells', [(64, (2, 4, 8)), (256, (4, 8, 16)), (96, (2, 6, 12))])
+def test_each_complementary_pair_partitions_the_image(size, cells):
+  masks = mvg.complementary_masks(size, cells)
+  assert masks.shape == (3, 2, size, size)
+  assert set(np.unique(masks)) == {0.0, 1.0}
+  for scale, n in enumerate(cells):
+    m1, m2 = masks[scale]
+    np.testing.assert_array_equal(m1 + m2, 1.0)    # Together they cover every pixel ...
+    np.testing.assert_array_equal(m1 * m2, 0.0)    # ... exactly once.
+    assert m1.sum() == m2.sum() == size * size / 2  # White:black 1:1.
+    block = size // n                              # n x n blocks, constant inside each block,
+    blocks = m1.reshape(n, block, n, block)
+    assert np.all(blocks == blocks[:, :1, :, :1])
+    assert np.all(np.diff(blocks[:, 0, :, 0], axis=1) != 0)  # alternating like a checkerboard.
+  assert len({masks[i, 0].tobytes() for i in range(3)}) == 3
+
+
+def test_mask_cells_must_be_even_divisors():
+  with pytest.raises(ValueError, match='even'):
+    mvg.complementary_masks(64, (3,))
+  with pytest.raises(ValueError, match='divide'):
+    mvg.complementary_masks(64, (6,))
+
+
+def test_error_map_selection_rules():
+  e = np.zeros((2, 3, 4, 4), np.float32)
+  e[0, 0] = 1.0   # Image 0: scale 0 has the largest mean error.
+  e[0, 1] = 0.4
+  e[0, 2] = 0.4
+  e[1, 0] = 0.5   # Image 1: scale 2 is furthest below the mean over scales.
+  e[1, 1] = 0.5
+  e[1, 2] = 0.0
+  e = jnp.asarray(e)
+  np.testing.assert_array_equal(mvg.select_error_map(e, 'eq8'), e[jnp.arange(2), jnp.array([0, 0])])
+  np.testing.assert_array_equal(mvg.select_error_map(e, 'distance'), e[jnp.arange(2), jnp.array([0, 2])])
+  np.testing.assert_allclose(mvg.select_error_map(e, 'mean'), e.mean(axis=1))
+
+
+def test_score_merges_each_pair_over_its_masked_areas():
+  """With a generator that outputs a constant c, O_i = c everywhere, so E_i = |c - I| at every scale."""
+  c = tiny_config('', **{'mvg.smoothing_sigma': 0.0, 'mvg.depth': 1, 'mvg.width': 32,
+                        'mvg.disc_depth': 1, 'mvg.disc_width': 32})
+  model = models.build(c, 1)
+  x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+  state = model.init(jax.random.key(1), {'image': x}, {})
+  g = jax.tree.map(jnp.zeros_like, state['g'].params)
+  g['generator']['out_conv']['bias'] = jnp.full((3,), 0.25)
+  state['g'] = state['g'].replace(params=g)
+  maps, scores = model.score(state, {'image': x}, {})
+  np.testing.assert_allclose(maps, jnp.mean(jnp.abs(x - 0.25), axis=-1), atol=1e-6)
+  np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)
+
+
+def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
+  c = tiny_config('', **{'mvg.depth': 2, 'mvg.width': 32, 'mvg.latent_dim': 16,
+                        'mvg.disc_depth': 2, 'mvg.disc_width': 32, 'mvg.disc_feature_dim': 16})
+  model = models.build(c, 10)
+  x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3))
+  batch = {'image': x}
+  state = jax.jit(model.init)(jax.random.key(1), batch, {})
+  new, metrics = jax.jit(model.train_step)(state, batch, jax.random.key(2), {})
+  assert set(new) == {'g', 'd'}
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  for name in ('g', 'd'):
+    assert int(new[name].step) == int(state[name].step) + 1
+    old_leaves, new_leaves = jax.tree.leaves(state[name].params), jax.tree.leaves(new[name].params)
+    changed = [not np.array_equal(a, b) for a, b in zip(old_leaves, new_leaves)]
+    assert all(changed), f'{name}: {sum(changed)}/{len(changed)} parameter arrays changed'
+  np.testing.assert_array_equal(batch['image'], x)
+  for k in ('loss', 'd_loss', 'adv', 'enc', 'con', 'l1', 'ssim_loss', 'gradient_l1', 'd_real',
+            'd_fake', 'g_grad_norm', 'd_grad_norm', 'g_param_norm', 'd_param_norm'):
+    assert np.isfinite(metrics[k]), k
+  # The step is a pure function of (state, batch, rng): repeating it gives the same state.
+  again, _ = jax.jit(model.train_step)(state, batch, jax.random.key(2), {})
+  for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _smoke(config, workdir):
+  root = config.dataset.root
+  samples = [s for c in folder.list_categories(root) for s in pipeline.scan(config, root, c, 'train')]
+  model, state, frozen = train.train(config, str(workdir), samples, parallel.make_mesh(), stop_after=1)
+  assert int(state['g'].step) == int(state['d'].step) == 1
+  test = pipeline.ImageSource(pipeline.scan(config, root, folder.list_categories(root)[0], 'test'),
+                              config.dataset.image_size, config.dataset.channels)
+  images = np.stack([test[i]['image'] for i in range(2)])
+  maps, scores = jax.jit(model.score)(state, {'image': images}, frozen)
+  assert maps.shape == (2, 64, 64) and scores.shape == (2,)
+  assert np.all(np.isfinite(maps))
+  return state
+
+
+def test_default_config_one_step_through_harness(tiny_dataset, tmp_path):
+  _smoke(tiny_config(tiny_dataset), tmp_path)
+
+
+def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
+  """The paper's depths (13 + 13 generator blocks, 13 in the extra encoder, 8 ToMe blocks with r=2)
+  at 64x64 and a small width, so it compiles in CPU test time."""
+  c = tiny_config(tiny_dataset, 'paper', **{'mvg.width': 32, 'mvg.num_heads': 2, 'mvg.latent_dim': 16,
+                                            'mvg.disc_width': 32, 'mvg.disc_num_heads': 2,
+                                            'mvg.disc_feature_dim': 16})
+  assert (c.mvg.depth, c.mvg.disc_depth, c.mvg.tome_r) == (13, 8, 2)
+  assert c.dataset.unified is False and c.num_epochs == 500 and c.batch_size == 8
+  assert c.optimizer.name == 'adamw' and c.optimizer.learning_rate == 1e-4
+  assert tuple(c.mvg.alpha) == (1.0, 1.0, 20.0)
+  state = _smoke(c, tmp_path)
+  gen = state['g'].params['generator']
+  assert sum(k.startswith('decoder_block_') for k in gen) == 13
+  assert sum(k.startswith('block_') for k in gen['encoder']) == 13
+  assert sum(k.startswith('block_') for k in state['g'].params['encoder']) == 13
+  assert sum(k.startswith('block_') for k in state['d'].params) == 8
