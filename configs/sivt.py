@@ -37,7 +37,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.sivt.mlp_ratio = 4.0          # MLP hidden width / token width.
   c.sivt.cosine_weight = 1.0      # lambda of Eq. 2 (L2 + lambda * (1 - cos)).
   c.sivt.smoothing_sigma = 4.0    # Gaussian sigma (pixels at image_size) for the final map.
-  c.sivt.test_partition_seed = 0  # Seed of the fixed induction partition used at test time.
+  c.sivt.test_partition_seed = 0  # Seed of the fixed induction partitions used at test time.
+  c.sivt.test_partitions = 1      # Fixed partitions whose anomaly maps are averaged at test time.
 
   if arg == 'paper':
     c.dataset.image_size = 256

