@@ -88,14 +88,18 @@ def test_eight_devices_resume_and_repeat_bitwise(tiny_dataset, tmp_path):
   assert 'EIGHT_DEVICES_OK' in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
+def _tiny_main_command(workdir, root, *overrides) -> list[str]:
+  """`python -m jaxad.main` with configs/sivt.py shrunk to seconds (as tiny_sivt_config)."""
+  return [sys.executable, '-m', 'jaxad.main', '--config', str(REPO / 'configs' / 'sivt.py'),
+          '--workdir', str(workdir), '--config.dataset.name=folder', f'--config.dataset.root={root}',
+          '--config.dataset.image_size=64', '--config.batch_size=8', '--config.eval_batch_size=8',
+          '--config.sivt.feature_size=8', '--config.sivt.width=32', '--config.sivt.encoder_depth=1',
+          '--config.sivt.decoder_depth=1', *overrides]
+
+
 def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'jaxad.main', '--config', str(REPO / 'configs' / 'sivt.py'),
-         '--workdir', str(workdir), '--config.dataset.name=folder',
-         f'--config.dataset.root={tiny_dataset}', '--config.dataset.image_size=64',
-         '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_epochs=1',
-         '--config.num_heatmaps=2', '--config.sivt.feature_size=8', '--config.sivt.width=32',
-         '--config.sivt.encoder_depth=1', '--config.sivt.decoder_depth=1']
+  cmd = _tiny_main_command(workdir, tiny_dataset, '--config.num_epochs=1', '--config.num_heatmaps=2')
   first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert first.returncode == 0, first.stderr[-3000:]
   result = json.loads((workdir / 'metrics.json').read_text())
@@ -158,12 +162,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path
   import signal
   import time
   workdir = tmp_path / 'run'
-  cmd = [sys.executable, '-m', 'jaxad.main', '--config', str(REPO / 'configs' / 'sivt.py'),
-         '--workdir', str(workdir), '--config.dataset.name=folder',
-         f'--config.dataset.root={tiny_dataset}', '--config.dataset.image_size=64',
-         '--config.batch_size=8', '--config.eval_batch_size=8', '--config.num_epochs=400',
-         '--config.log_every=1', '--config.num_heatmaps=0', '--config.sivt.feature_size=8',
-         '--config.sivt.width=32', '--config.sivt.encoder_depth=1', '--config.sivt.decoder_depth=1']
+  cmd = _tiny_main_command(workdir, tiny_dataset, '--config.num_epochs=400', '--config.log_every=1',
+                           '--config.num_heatmaps=0')
   err = tmp_path / 'stderr.txt'
   with open(err, 'w') as f:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=f, text=True)
