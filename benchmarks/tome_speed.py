@@ -3,7 +3,7 @@
   python benchmarks/tome_speed.py                       # default config, discriminator step and full step
   python benchmarks/tome_speed.py --variant paper --image-size 256 --batch 8 --steps 5
 
-Times (median of --steps runs after one compile-and-warm-up call) of
+Times (median of --steps runs, r values interleaved, after one compile-and-warm-up call) of
   disc:  the discriminator's value_and_grad + AdamW update on [real; 2 reconstructions] (3B images);
   full:  the whole jitted GAN `train_step` (generator forward/backward, D then G updates).
 Prints one JSON object: per r the step times and the discriminator's token counts per block.
@@ -23,16 +23,6 @@ from jaxad import models
 from jaxad.models import mask_vitgan, tome
 
 
-def _time(fn, *args, steps):
-  jax.block_until_ready(fn(*args))  # Compile + warm up.
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times), times
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--variant', default='', help="'' (default config) or 'paper'")
@@ -44,6 +34,7 @@ def main():
   args = ap.parse_args()
 
   out = {'device': str(jax.devices()[0]), 'variant': args.variant or 'default', 'results': {}}
+  timed = {}  # (r, what) -> (fn, args); compiled first, then timed interleaved over r (load drifts).
   for r in args.r:
     c = mvg_config.get_config(args.variant or None)
     if args.image_size:
@@ -61,8 +52,7 @@ def main():
     tx = optax.adamw(c.optimizer.learning_rate)
     opt_state = tx.init(params)
 
-    @jax.jit
-    def d_step(params, opt_state):
+    def d_step(params, opt_state, disc=disc, images=images, b=b, tx=tx):
       def loss_fn(p):
         logits, _ = disc.apply({'params': p}, images)
         labels = jnp.concatenate([jnp.ones(b), jnp.zeros(2 * b)])
@@ -71,21 +61,33 @@ def main():
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
-    entry = {'tokens_per_block': tome.token_counts((s // cfg.disc_patch_size) ** 2, r, cfg.disc_depth)}
-    entry['disc_step_s'], entry['disc_step_all_s'] = _time(d_step, params, opt_state, steps=args.steps)
+    out['results'][f'r={r}'] = {
+        'tokens_per_block': tome.token_counts((s // cfg.disc_patch_size) ** 2, r, cfg.disc_depth)}
+    timed[(r, 'disc_step')] = (jax.jit(d_step), (params, opt_state))
     if not args.no_full:
       model = models.build(c, 100)
       state = jax.jit(model.init)(jax.random.key(2), {'image': real}, {})
-      step = jax.jit(model.train_step)
-      entry['full_step_s'], entry['full_step_all_s'] = _time(
-          step, state, {'image': real}, jax.random.key(3), {}, steps=args.steps)
-    out['results'][f'r={r}'] = entry
+      timed[(r, 'full_step')] = (jax.jit(model.train_step), (state, {'image': real}, jax.random.key(3), {}))
+  for fn, fargs in timed.values():
+    jax.block_until_ready(fn(*fargs))  # Compile + warm up.
+  times = {k: [] for k in timed}
+  for _ in range(args.steps):
+    for k, (fn, fargs) in timed.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(*fargs))
+      times[k].append(time.perf_counter() - t)
+  for (r, what), ts in times.items():
+    out['results'][f'r={r}'][f'{what}_s'] = statistics.median(ts)
+    out['results'][f'r={r}'][f'{what}_all_s'] = ts
   if 'r=0' in out['results']:
     base = out['results']['r=0']
     for key, entry in out['results'].items():
       for what in ('disc_step_s', 'full_step_s'):
         if what in entry:
-          entry[what.replace('_s', '_saving')] = 1.0 - entry[what] / base[what]
+          entry[what[:-2] + '_saving'] = 1.0 - entry[what] / base[what]
+          if what[:-2] + '_all_s' in entry:  # Median of per-repetition ratios (robust to drift).
+            pairs = zip(entry[what[:-2] + '_all_s'], base[what[:-2] + '_all_s'])
+            entry[what[:-2] + '_paired_saving'] = 1.0 - statistics.median(t / t0 for t, t0 in pairs)
   out['config'] = {'image_size': s, 'batch_size': b, 'disc_depth': cfg.disc_depth,
                    'disc_width': cfg.disc_width, 'disc_patch_size': cfg.disc_patch_size}
   print(json.dumps(out, indent=1))
