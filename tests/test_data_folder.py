@@ -63,6 +63,7 @@ def test_list_and_resolve_categories(mvtec):
   assert folder.resolve_categories(mvtec, 'all') == ['cat_a', 'cat_b']
   assert folder.resolve_categories(mvtec, ('cat_b',)) == ['cat_b']
   assert folder.resolve_categories(mvtec, 'cat_a') == ['cat_a']
+  assert folder.resolve_categories(mvtec, 'cat_b, cat_a') == ['cat_b', 'cat_a']  # Command line form.
   with pytest.raises(DatasetError, match='nope'):
     folder.resolve_categories(mvtec, ['cat_a', 'nope'])
   with pytest.raises(DatasetError, match='not_a_category'):

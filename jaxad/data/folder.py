@@ -62,12 +62,12 @@ def list_categories(root: str) -> list[str]:
 
 
 def resolve_categories(root: str, categories) -> list[str]:
-  """'all' -> every category; a name or list/tuple of names -> checked list."""
+  """'all' -> every category; 'a,b' or a list/tuple of names -> checked list."""
   available = list_categories(root)
   if isinstance(categories, str):
     if categories == 'all':
       return available
-    categories = [categories]
+    categories = [c.strip() for c in categories.split(',') if c.strip()]
   categories = list(categories)
   if not categories:
     raise DatasetError(f'{root}: empty category list')
