@@ -17,15 +17,20 @@ def tiny_dataset(tmp_path_factory) -> str:
                             num_test_defect=6, categories=synthetic.CATEGORIES[:2])
 
 
+def tiny_folder_config(config, root: str):
+  """A model config on a small folder dataset at 64x64 with batch 8."""
+  config.dataset.name = 'folder'
+  config.dataset.root = root
+  config.dataset.image_size = 64
+  config.batch_size = 8
+  config.eval_batch_size = 8
+  return config
+
+
 def tiny_sivt_config(root: str, **overrides):
   """configs/sivt.py shrunk to seconds: 64x64 images, a 1+1-block ViT."""
   from configs import sivt
-  c = sivt.get_config()
-  c.dataset.name = 'folder'
-  c.dataset.root = root
-  c.dataset.image_size = 64
-  c.batch_size = 8
-  c.eval_batch_size = 8
+  c = tiny_folder_config(sivt.get_config(), root)
   c.num_epochs = 2
   c.log_every = 2
   c.checkpoint_every = 100
@@ -36,13 +41,18 @@ def tiny_sivt_config(root: str, **overrides):
   c.sivt.encoder_depth = 1
   c.sivt.decoder_depth = 1
   c.sivt.smoothing_sigma = 2.0
+  return override(c, **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted config fields, e.g. override(c, **{'dataset.unified': False})."""
   for key, value in overrides.items():
-    node = c
+    node = config
     *path, last = key.split('.')
     for p in path:
       node = node[p]
     node[last] = value
-  return c
+  return config
 
 
 @pytest.fixture(scope='session')

@@ -5,34 +5,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import override, tiny_folder_config
 from configs import mask_vitgan as mvg_config
 from jaxad import models, parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import mask_vitgan as mvg
 
 
-def _override(c, overrides):
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
-
-
 def tiny_config(root, arg=None, **overrides):
   """A config on a folder dataset at 64x64 with small widths (depths as the variant says)."""
-  c = mvg_config.get_config(arg)
-  c.dataset.name = 'folder'
-  c.dataset.root = root
-  c.dataset.image_size = 64
-  c.batch_size = 8
-  c.eval_batch_size = 8
+  c = tiny_folder_config(mvg_config.get_config(arg), root)
   c.num_epochs = 1
   c.log_every = 1
   c.num_heatmaps = 0
-  return _override(c, overrides)
+  return override(c, **overrides)
 
 
 @pytest.mark.parametrize('size,cells', [(64, (2, 4, 8)), (256, (4, 8, 16)), (96, (2, 6, 12))])
