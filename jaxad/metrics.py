@@ -31,7 +31,6 @@ raise ``ValueError``.  Labels/masks are bool or {0, 1}.
 
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 

@@ -1,8 +1,6 @@
 """The shared harness: determinism, bitwise resume, sharding over 8 fake devices, outputs, bad input."""
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 import textwrap

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REALAD, tiny_sivt_config
+from conftest import REALAD
 from configs import mean_image as mean_image_config
 from configs import sivt as sivt_config
 from jaxad import models, parallel, train
