@@ -305,29 +305,37 @@ def _paste_dark_squares(images: np.ndarray, size: int, seed: int = 0):
 def test_memory_suppresses_a_pasted_defect_more_than_base(small_dataset, tmp_path):
   """Table 6 base vs base + M, same budget: the memory leaves more of a pasted stain in the residual.
 
-  ring_seal (smooth infrared rings) at 64x64, 40 train images, 200 steps each (~2.5 min on CPU).
-  Measured: base in-mask residual 0.0151, i.e. it reconstructs ~80% of the darkening (residual /
-  paste energy 0.19); + M 0.0393 (0.49), with the same residual outside the mask (0.0024 vs 0.0023):
-  the memory suppresses the defect rather than reconstructing everything worse.
+  ring_seal (smooth infrared rings) at 64x64, 40 train images, 200 steps per model, seeds 0-2
+  (six trainings, ~4-5 min on CPU). In-mask residual of a x0.4 darkened square (and residual /
+  paste energy, 0 = stain fully reconstructed, 1 = fully suppressed), measured:
+      seed 0: base 0.0151 (0.19)  + M 0.0393 (0.49)
+      seed 1: base 0.0380 (0.48)  + M 0.0258 (0.32)   <- reversed
+      seed 2: base 0.0363 (0.46)  + M 0.0542 (0.68)
+      mean:   base 0.0298 (0.375) + M 0.0398 (0.499); outside the mask 0.0020 vs 0.0024.
+  So the effect holds on average (x1.34 inside, x1.18 outside) but not for every seed: at the paper's
+  temperature-1 cosine addressing ~45 of the 100 items stay active with near-uniform weights, and the
+  decoder's BatchNorm re-amplifies what differs, so the memory is a weak bottleneck at this scale
+  (a sharper softmax, memory_temperature=0.1, suppresses less than base on all three seeds).
   """
   root = small_dataset
-  results = {}
-  for name, use_memory in (('base', False), ('memory', True)):
-    config = _small_net_config(root, epochs=40, **{'vit_memae.use_memory': use_memory,
-                                                    'vit_memae.use_coord_attention': False})
-    _, state, _ = _train(config, tmp_path / name, ['ring_seal'])
-    good = [t for t in pipeline.scan(config, root, 'ring_seal', 'test') if t.label == 0]
-    source = pipeline.ImageSource(good, 64, 3)
-    clean = np.stack([source[i]['image'] for i in range(len(source))])
-    pasted, mask = _paste_dark_squares(clean, 14)
-    net = vit_memae.network(config)
-    recon = np.asarray(jax.jit(lambda s, x: vit_memae.reconstruct(net, s, x))(state, pasted))
-    residual = np.mean((pasted - recon) ** 2, axis=-1)
-    energy = np.mean((pasted - clean) ** 2, axis=-1)
-    results[name] = {'inside': float(residual[mask].mean()), 'outside': float(residual[~mask].mean()),
-                     'suppression': float(residual[mask].mean() / energy[mask].mean())}
-  print('pasted stain residuals:', results)
-  assert results['memory']['inside'] > 1.3 * results['base']['inside']
-  assert results['memory']['suppression'] > results['base']['suppression'] + 0.1
-  # Not by reconstructing everything worse: outside the mask the two are within 30%.
-  assert results['memory']['outside'] < 1.3 * results['base']['outside']
+  results = {'base': [], 'memory': []}
+  for seed in (0, 1, 2):
+    for name, use_memory in (('base', False), ('memory', True)):
+      config = _small_net_config(root, epochs=40, seed=seed, **{
+          'vit_memae.use_memory': use_memory, 'vit_memae.use_coord_attention': False})
+      _, state, _ = _train(config, tmp_path / f'{name}{seed}', ['ring_seal'])
+      good = [t for t in pipeline.scan(config, root, 'ring_seal', 'test') if t.label == 0]
+      source = pipeline.ImageSource(good, 64, 3)
+      clean = np.stack([source[i]['image'] for i in range(len(source))])
+      pasted, mask = _paste_dark_squares(clean, 14)
+      net = vit_memae.network(config)
+      recon = np.asarray(jax.jit(lambda s, x: vit_memae.reconstruct(net, s, x))(state, pasted))
+      residual = np.mean((pasted - recon) ** 2, axis=-1)
+      energy = np.mean((pasted - clean) ** 2, axis=-1)
+      results[name].append((residual[mask].mean(), residual[~mask].mean(),
+                            residual[mask].mean() / energy[mask].mean()))
+  print('pasted stain (inside, outside, suppression) per seed:', results)
+  base, memory = np.mean(results['base'], axis=0), np.mean(results['memory'], axis=0)
+  assert memory[0] > 1.15 * base[0]           # In-mask residual (measured x1.34).
+  assert memory[2] > base[2] + 0.05           # Fraction of the stain left (measured +0.12).
+  assert memory[1] < 1.3 * base[1]            # Not by reconstructing everything worse (x1.18).
