@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from jaxad.data import folder, synthetic
+from jaxad.data import defects, folder, synthetic
 
 
 def dataset_root(config: ml_collections.ConfigDict) -> str:
@@ -118,6 +118,9 @@ def train_iterator(source, config, *, process_index: int, process_count: int):
   augment = augmentation(config)
   if augment is not None:
     ds = ds.random_map(augment, seed=config.seed)
+  synthesize = defects.synthesizer(config, source)
+  if synthesize is not None:  # Artificial defects (RB-AE Eq. 1), after the augmentation.
+    ds = ds.random_map(synthesize, seed=int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0]))
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset()
   if config.dataset.num_workers > 0:
