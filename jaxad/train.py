@@ -85,11 +85,32 @@ def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
   return pipeline.ArraySource({k: np.concatenate(v) for k, v in parts.items()}, name=repr(source))
 
 
-def make_train_step(model: models.AnomalyModel, mesh, train_key: jax.Array):
-  """jit(step) with the batch sharded over 'data', state replicated and donated."""
+def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
+  """[(phase, end step)] from `config.phases` = ((name, epochs), ...); [(None, total)] without phases.
+
+  The step counter alone decides the phase, so a run resumed in a later phase never redoes earlier ones.
+  """
+  total = pipeline.total_steps(num_examples, config)
+  phases = tuple(config.get('phases') or ())
+  if not phases:
+    return [(None, total)]
+  if sum(e for _, e in phases) != config.num_epochs:
+    raise ValueError(f'config.phases {phases} must add up to num_epochs={config.num_epochs}; set '
+                     f'--config.num_epochs={sum(e for _, e in phases)}.')
+  ends = np.floor(num_examples * np.cumsum([e for _, e in phases]) / config.batch_size).astype(int)
+  return [(name, int(end)) for (name, _), end in zip(phases, ends)]
+
+
+def make_train_step(model: models.AnomalyModel, mesh, train_key: jax.Array, phase: str | None = None):
+  """jit(step) with the batch sharded over 'data', state replicated and donated.
+
+  With a `phase`, the model's step is called with `phase=phase` (one compiled step per phase).
+  """
+  kwargs = {} if phase is None else {'phase': phase}
+
   def step(run_state: RunState, batch, frozen):
     rng = jax.random.fold_in(train_key, run_state.step)
-    state, metrics = model.train_step(run_state.model, batch, rng, frozen)
+    state, metrics = model.train_step(run_state.model, batch, rng, frozen, **kwargs)
     metrics = {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
     return RunState(run_state.step + 1, state), metrics
   repl = parallel.replicated(mesh)
@@ -129,6 +150,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
   it = pipeline.train_iterator(source, config, process_index=pi, process_count=pc)
 
   example = {k: v[None] for k, v in source[0].items() if k not in _EVAL_ONLY_KEYS}
+  if model.prepare is not None:
+    example.update(model.prepare(source))
   run_state = init_run_state(model, example, frozen, mesh, init_key)
   logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(params_of(run_state.model)))
 
@@ -146,9 +169,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(run_state), data=grain.checkpoint.CheckpointSave(it)))
 
-  train_step = make_train_step(model, mesh, train_key)
+  schedule = phase_schedule(config, len(train_samples))
+  train_steps = {name: make_train_step(model, mesh, train_key, name) for name, _ in schedule}
+  phase_ends = {end for _, end in schedule}
   writer = writers.MetricWriter(workdir)
   accumulated, pending, t0, n0 = None, None, time.perf_counter(), start
+  phase_t0 = t0
 
   def record(step, metrics):
     nonlocal accumulated
@@ -168,7 +194,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
       end = total if stop_after is None else min(total, stop_after)
       for step in range(start, end):
         batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
-        run_state, metrics = train_step(run_state, parallel.shard_batch(batch, mesh), frozen)
+        phase = next(name for name, last in schedule if step < last)
+        run_state, metrics = train_steps[phase](run_state, parallel.shard_batch(batch, mesh), frozen)
         if pending is not None:  # Check the previous step while this one runs.
           record(step, pending)
         pending, done = metrics, step + 1
@@ -177,19 +204,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
                         int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch) and
                         int(done / steps_per_epoch) % config.eval_every_epochs == 0)
         if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done in (total, end) \
-            or evaluate_now or preempted:
+            or evaluate_now or preempted or done in phase_ends:
           record(done, pending)
           pending = None
-        if done % config.log_every == 0 or done == total:
+        if done % config.log_every == 0 or done == total or done in phase_ends:
           scalars = {f'train/{k}': float(v) for k, v in accumulated.compute().items()}
           elapsed = time.perf_counter() - t0
           scalars['train/img_per_s'] = (done - n0) * config.batch_size / max(elapsed, 1e-9)
           scalars['train/epoch'] = done / steps_per_epoch
+          if done in phase_ends and schedule[0][0] is not None:  # Wall time of the phase (since start/resume).
+            scalars['train/phase_seconds'], phase_t0 = time.perf_counter() - phase_t0, time.perf_counter()
           writer.write_scalars(done, scalars)
           pbar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
                            img_s=f"{scalars['train/img_per_s']:.1f}")
           accumulated, t0, n0 = None, time.perf_counter(), done
-        if done % config.checkpoint_every == 0 or done in (total, end) or preempted:
+        if done % config.checkpoint_every == 0 or done in (total, end) or preempted or done in phase_ends:
           save(done)
         if evaluate_now:
           writer.write_scalars(done, eval_fn(model, run_state.model, frozen, done))

@@ -6,10 +6,13 @@ drives every model through the same few pure functions, which it jits and shards
   frozen                                   pytree of constants (e.g. frozen backbone weights), replicated
   init(rng, batch, frozen) -> state        model state: a TrainState, or a dict of them for GANs
   train_step(state, batch, rng, frozen) -> (state, metrics)
+                                           with `config.phases`, also a `phase=<name>` keyword (static)
   score(state, batch, frozen) -> (maps [B, H, W], image_scores [B])
   precompute(batch, frozen) -> dict        optional: per-image arrays that depend only on frozen weights;
                                            the harness may compute them once for the training set
                                            (`cached_keys`) and feed them in place of recomputing.
+  prepare(source) -> dict                  optional: arrays chosen from the training source (e.g. RB-AE's
+                                           reference image), added to the example batch `init` sees.
 
 `batch` is a dict of arrays: 'image' float32 [B, H, W, C] in [0, 1] (always present at test time),
 'label' int32 [B] and 'mask' uint8 [B, H, W] at test time, and any cached `precompute` outputs.
@@ -30,6 +33,7 @@ class AnomalyModel:
   frozen: Any = dataclasses.field(default_factory=dict)
   precompute: Callable[..., Any] | None = None
   cached_keys: tuple[str, ...] = ()
+  prepare: Callable[..., Any] | None = None
 
 
 def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
