@@ -7,6 +7,11 @@ import optax
 from flax.training import train_state
 
 
+class TrainState(train_state.TrainState):
+  """flax TrainState plus BatchNorm running statistics, for models with BatchNorm layers."""
+  batch_stats: dict
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
   """An optax optimizer `opt.name(learning_rate=schedule, **opt.kwargs)` with optional clipping."""
   peak = opt.learning_rate

@@ -23,15 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from flax.training import train_state
 
 from jaxad import losses, optim
 from jaxad.models import AnomalyModel, layers
-
-
-class TrainState(train_state.TrainState):
-  """TrainState plus BatchNorm running statistics (decoder and coordinate attention)."""
-  batch_stats: dict
 
 
 class ViTEncoder(nn.Module):
@@ -130,7 +124,7 @@ def network(config: ml_collections.ConfigDict) -> ViTMemAE:
       ca_reduction=cfg.ca_reduction, dtype=jnp.dtype(config.dtype))
 
 
-def reconstruct(net: ViTMemAE, state: TrainState, images: jax.Array) -> jax.Array:
+def reconstruct(net: ViTMemAE, state: optim.TrainState, images: jax.Array) -> jax.Array:
   """Inference-mode reconstruction (BatchNorm running statistics) in [0, 1]."""
   recon, _ = net.apply({'params': state.params, 'batch_stats': state.batch_stats}, images,
                        train=False)
@@ -163,7 +157,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   def init(rng, batch, frozen):
     del frozen
     variables = net.init(rng, batch['image'], train=False)
-    return TrainState.create(apply_fn=net.apply, params=variables['params'], tx=tx,
+    return optim.TrainState.create(apply_fn=net.apply, params=variables['params'], tx=tx,
                              batch_stats=variables['batch_stats'])
 
   def train_step(state, batch, rng, frozen):
