@@ -16,11 +16,14 @@ _COORDINATOR = flags.DEFINE_string(
     'are detected without it.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Call jax.distributed.initialize() and let JAX detect the cluster (TPU pod '
+    'slices, Slurm, ...) where the environment alone does not show it (e.g. over ssh on a TPU VM).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _wants_distributed() -> bool:
-  return bool(_COORDINATOR.value or 'SLURM_JOB_ID' in os.environ and int(
+  return bool(_DISTRIBUTED.value or _COORDINATOR.value or 'SLURM_JOB_ID' in os.environ and int(
       os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ)
 
 
