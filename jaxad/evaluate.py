@@ -29,7 +29,7 @@ def map_in_order(fn, source, config, mesh):
 def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) -> dict:
   """Anomaly maps [N, H, W], image scores [N], labels [N] and masks [N, H, W] of `samples`."""
   score_fn = score_fn or jax.jit(model.score, out_shardings=parallel.replicated(mesh))
-  source = pipeline.ImageSource(samples, config.dataset.image_size, config.dataset.channels)
+  source = pipeline.image_source(config, samples)
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
   for (maps, scores), batch, n in map_in_order(lambda b: score_fn(state, b, frozen), source, config,
                                                mesh):
@@ -100,7 +100,7 @@ def write_heatmaps(outdir: str, samples, scored: dict, config):
   maps = scored['maps']
   vmin, vmax = float(np.min(maps)), float(np.percentile(maps, 99.9))
   count = min(config.num_heatmaps, len(samples))
-  source = pipeline.ImageSource(samples, config.dataset.image_size, config.dataset.channels)
+  source = pipeline.image_source(config, samples)
   for i in np.linspace(0, len(samples) - 1, count).round().astype(int):
     s = samples[i]
     panel = heatmap_panel(source[i]['image'], scored['masks'][i], maps[i], vmin, vmax)

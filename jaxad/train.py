@@ -21,7 +21,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from jaxad import evaluate, models, parallel, writers
-from jaxad.data import folder, pipeline
+from jaxad.data import pipeline
 
 # Keys of input batches the models never train on.
 _EVAL_ONLY_KEYS = ('label', 'mask', 'index')
@@ -144,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
 
-  source = pipeline.ImageSource(train_samples, config.dataset.image_size, config.dataset.channels)
+  source = pipeline.image_source(config, train_samples)
   if model.cached_keys and pipeline.augmentation(config) is None:
     source = precompute_source(model, frozen, source, config, mesh)
   it = pipeline.train_iterator(source, config, process_index=pi, process_count=pc)
@@ -239,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as the config says; writes metrics.json, results.md and heatmaps/."""
   mesh = parallel.make_mesh()
   root = pipeline.dataset_root(config)
-  categories = folder.resolve_categories(root, config.dataset.categories)
+  categories = pipeline.categories(config, root)
   groups = ({'': categories} if config.dataset.unified else {c: [c] for c in categories})
   results = {}
   for name, cats in groups.items():

@@ -61,9 +61,12 @@ def list_categories(root: str) -> list[str]:
   return cats
 
 
-def resolve_categories(root: str, categories) -> list[str]:
-  """'all' -> every category; 'a,b' or a list/tuple of names -> checked list."""
-  available = list_categories(root)
+def resolve_categories(root: str, categories, available: list[str] | None = None) -> list[str]:
+  """'all' -> every category; 'a,b' or a list/tuple of names -> checked list.
+
+  `available`: the categories to choose from (default: those found under `root`).
+  """
+  available = available if available is not None else list_categories(root)
   if isinstance(categories, str):
     if categories == 'all':
       return available

@@ -21,12 +21,40 @@ def dataset_root(config: ml_collections.ConfigDict) -> str:
     if not ds.root:
       raise ValueError("dataset.name='folder' needs dataset.root (an MVTec-AD-layout folder).")
     return ds.root
-  raise ValueError(f"Unknown dataset.name {ds.name!r}; expected 'synthetic' or 'folder'.")
+  if ds.name == 'tfds':
+    return ds.root  # The MVTec-layout folder prepared on first use ('' once prepared).
+  raise ValueError(f"Unknown dataset.name {ds.name!r}; expected 'synthetic', 'folder' or 'tfds'.")
+
+
+def _prepared(config):
+  """dataset.name='tfds': the TFDS builder of the prepared ArrayRecord files (built if missing)."""
+  from jaxad.data import tfds_mvtec  # Imports tensorflow-datasets only when asked for.
+  return tfds_mvtec.prepare(config.dataset, config.dataset.tfds_dir or None)
+
+
+def categories(config, root: str) -> list[str]:
+  """The categories `config.dataset.categories` selects ('all' or names), checked."""
+  if config.dataset.name == 'tfds':
+    from jaxad.data import tfds_mvtec
+    available = tfds_mvtec.categories(_prepared(config))
+    return folder.resolve_categories(root, config.dataset.categories, available=available)
+  return folder.resolve_categories(root, config.dataset.categories)
 
 
 def scan(config, root: str, category: str, split: str) -> list[folder.Sample]:
+  if config.dataset.name == 'tfds':
+    from jaxad.data import tfds_mvtec
+    return tfds_mvtec.samples(_prepared(config), category, split)
   return folder.scan_split(root, category, split, good_name=config.dataset.good_name,
                            mask_suffix=config.dataset.mask_suffix)
+
+
+def image_source(config, samples: list[folder.Sample]):
+  """The grain source of `samples`: decoded from files, or read from prepared TFDS records."""
+  if config.dataset.name == 'tfds':
+    from jaxad.data import tfds_mvtec
+    return tfds_mvtec.TfdsSource(_prepared(config), samples)
+  return ImageSource(samples, config.dataset.image_size, config.dataset.channels)
 
 
 def _fingerprint(samples) -> str:
