@@ -1,0 +1,80 @@
+"""TMIRN: multi-scale Transformer reconstruction GAN (tmirn_infrared_multiscale_reconstruction.txt).
+
+  configs/tmirn.py        the embedded synthetic dataset (incl. the infrared-like ring_seal) on a CPU:
+                          64x64, the paper's architecture with base width 16 (16 ... 256 channels)
+                          and one PVT block per ViT module.
+  configs/tmirn.py:paper  Sec. IV-C: 224x224, base width 32 (Table I: 128x28x28, 256x14x14,
+                          512x7x7), Adam 2e-4 betas (0.5, 0.999), 200 epochs, random flips and
+                          +-10 degree rotations, one model per category.
+
+Ablations (Sec. IV-E), on any variant: --config.tmirn.num_skips=0..3 (Fig. 14), --config.tmirn.use_maff
+(Table IV), --config.tmirn.score_parts=image|feature|both and --config.tmirn.smooth_kernels='()' (Table VI).
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  c = common.get_config()
+  c.model.name = 'tmirn'
+  c.dataset.image_size = 64       # Must be a multiple of 32 (five stride-2 levels).
+  c.dataset.unified = True        # One model over all categories (per-category: see :paper).
+  c.batch_size = 16
+  c.num_epochs = 20
+  c.eval_batch_size = 32
+  c.log_every = 10
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.kwargs = ml_collections.ConfigDict({'b1': 0.5, 'b2': 0.999})
+  c.optimizer.warmup_steps = 10
+  c.optimizer.schedule = 'cosine'
+
+  c.tmirn = ml_collections.ConfigDict()
+  # Architecture (G and D share the MTFE/MAFF layout).
+  c.tmirn.base_width = 16         # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
+  c.tmirn.disc_base_width = 16    # The discriminator's base width (the paper's D = its encoder).
+  c.tmirn.vit_depth = 1           # PVT blocks per ViT module (Fig. 5: two); 0 = conv only.
+  c.tmirn.head_dim = 32           # Attention heads = channels // head_dim (at least 1).
+  c.tmirn.pool_tokens = 4         # K, V average-pooled with k = H // pool_tokens (Eq. 2-3).
+  c.tmirn.mlp_ratio = 4.0         # FFD hidden width / channels (Eq. 6).
+  c.tmirn.latent_dim = 64         # Width of the bottleneck's fully connected code (Fig. 8).
+  c.tmirn.num_skips = 1           # Skip connections from the deepest level up (Fig. 14: 1 is best).
+  c.tmirn.use_maff = True         # MAFF fusion (Eq. 9-11); False: one CBL per level (Table IV).
+  # Losses (Eq. 15-20).
+  c.tmirn.loss_weights = (0.6, 0.3, 0.1)  # (omega_1 L_i, omega_2 L_f, omega_3 L_adv), Eq. 20.
+  c.tmirn.soft_labels = (0.9, 0.1)  # D targets for real and reconstructed images (Eq. 15).
+  c.tmirn.gp_weight = 10.0        # lambda of the gradient penalty (Eq. 15).
+  c.tmirn.ssim_filter_size = 7    # SSIM window of L_i (Gaussian sigma 1.5; 11 at 224).
+  c.tmirn.feature_loss_stop_gradient = True  # L_f trains the decoder towards fixed encoder features.
+  # Anomaly score (Eq. 12-14).
+  c.tmirn.scale_weights = (0.5, 0.3, 0.2)  # lambda_x for (large, medium, small), summing to 1.
+  c.tmirn.score_parts = 'both'    # 'both' S_i * S_f, 'image' S_i, 'feature' S_f (Table VI).
+  c.tmirn.smooth_kernels = (3, 5, 7)  # Mean-pool kernels of the S_f smoothing (Fig. 9); () = off.
+  c.tmirn.image_smoothing_sigma = 1.0  # Gaussian sigma (pixels at image_size) denoising S_i.
+
+  if arg == 'paper':
+    c.dataset.image_size = 224
+    c.dataset.unified = False     # One model per category.
+    c.batch_size = 16             # Not given in the paper.
+    c.eval_batch_size = 16
+    c.num_epochs = 200
+    c.log_every = 50
+    c.checkpoint_every = 1000
+    c.optimizer.learning_rate = 2e-4
+    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = 'constant'
+    c.augment.hflip = True
+    c.augment.vflip = True
+    c.augment.rotate = 10.0
+    c.tmirn.base_width = 32
+    c.tmirn.disc_base_width = 32
+    c.tmirn.vit_depth = 2
+    c.tmirn.pool_tokens = 7       # K, V pooled to 7x7 (PVTv2-li).
+    c.tmirn.latent_dim = 256      # Not given in the paper.
+    c.tmirn.ssim_filter_size = 11
+    c.tmirn.image_smoothing_sigma = 4.0
+  elif arg:
+    raise ValueError(f'Unknown tmirn variant {arg!r}; expected "" or "paper".')
+  return c
