@@ -22,6 +22,8 @@ import dataclasses
 import importlib
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 
@@ -48,8 +50,21 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   return module.build(config, total_steps)
 
 
-def load_backbone(cfg: ml_collections.ConfigDict):
-  """The frozen CNN a config's `backbone` block names.
+def compute_dtype(name: str) -> jnp.dtype:
+  """`config.dtype` as a dtype: 'float32', 'bfloat16', or 'auto' = bfloat16 on GPU/TPU, float32 on CPU.
+
+  The activation/matmul dtype only: Flax params (and so optimizer state) stay float32, and models
+  return losses and scores in float32.
+  """
+  if name == 'auto':
+    return jnp.dtype(jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16)
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f"config.dtype must be 'float32', 'bfloat16' or 'auto', got {name!r}")
+  return jnp.dtype(name)
+
+
+def load_backbone(cfg: ml_collections.ConfigDict, dtype: jnp.dtype = jnp.float32):
+  """The frozen CNN a config's `backbone` block names, computing in `dtype` (maps come back float32).
 
   cfg.weights: 'imagenet' (resolved offline), a ported weights file, or 'random' (tests only).
   """
@@ -60,4 +75,4 @@ def load_backbone(cfg: ml_collections.ConfigDict):
         f'`python -m jaxad.port --arch {cfg.arch} --checkpoint FILE --out FILE` and pass '
         f'--config.backbone.weights=FILE (or "imagenet" where an offline package provides them).')
   weights = None if cfg.weights == 'random' else cfg.weights
-  return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features))
+  return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features), dtype=dtype)

@@ -35,9 +35,14 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention through `jax.nn.dot_product_attention` (fused where available)."""
+  """Multi-head self-attention through `jax.nn.dot_product_attention` (fused where available).
+
+  `implementation`: None lets XLA pick, 'xla' or 'cudnn' force one (cuDNN's fused kernel needs a head
+  dim that is a multiple of 8 and float16/bfloat16 inputs).
+  """
   num_heads: int
   dtype: jnp.dtype = jnp.float32
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -48,7 +53,7 @@ class Attention(nn.Module):
     dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ('query', 'key', 'value'))
-    y = jax.nn.dot_product_attention(q, k, v)
+    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return dense(width, axis=(-2, -1), name='out')(y)
 
 
@@ -57,10 +62,12 @@ class Block(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # See Attention.implementation.
 
   @nn.compact
   def __call__(self, x):
-    x = x + Attention(self.num_heads, self.dtype)(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
+    attn = Attention(self.num_heads, self.dtype, self.attention_implementation)
+    x = x + attn(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
     hidden = int(x.shape[-1] * self.mlp_ratio)
     return x + Mlp(hidden, self.dtype)(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
 
