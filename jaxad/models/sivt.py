@@ -27,6 +27,7 @@ class SelfInductionViT(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
   def __call__(self, features: jax.Array, partition: jax.Array) -> jax.Array:
@@ -47,7 +48,8 @@ class SelfInductionViT(nn.Module):
     # Line 7: encode every Phi_i with one shared encoder.
     z = phi.reshape(self.num_subsets * b, num_tokens, self.width)
     for i in range(self.encoder_depth):
-      z = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'encoder_{i}')(z)
+      z = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
+                       name=f'encoder_{i}')(z)
     z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(z)
     z = z.reshape(self.num_subsets, b, num_tokens, self.width)
     # Lines 8-10: keep the induction tokens of each Phi_i and reassemble Z_X*.
@@ -56,7 +58,8 @@ class SelfInductionViT(nn.Module):
     # Line 11: F~ = Dec(Z_X*).
     y = nn.Dense(self.width, dtype=self.dtype, name='decoder_embed')(z_star) + pos
     for i in range(self.decoder_depth):
-      y = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_{i}')(y)
+      y = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
+                       name=f'decoder_{i}')(y)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(y)
     y = nn.Dense(p * p * c, dtype=self.dtype, name='decoder_pred')(y)
     y = y.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
@@ -79,7 +82,8 @@ def residuals(features: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Arr
 
 def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   cfg = config.sivt
-  extractor = models.load_backbone(config.backbone)
+  dtype = models.compute_dtype(config.dtype)
+  extractor = models.load_backbone(config.backbone, dtype)
   feature_size = cfg.feature_size
   if feature_size % cfg.patch_size:
     raise ValueError(f'sivt.feature_size {feature_size} is not a multiple of patch_size {cfg.patch_size}')
@@ -87,7 +91,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   if num_tokens % cfg.num_subsets:
     raise ValueError(f'{num_tokens} tokens cannot be split into {cfg.num_subsets} equal subsets')
   net = SelfInductionViT(cfg.patch_size, cfg.num_subsets, cfg.width, cfg.encoder_depth,
-                         cfg.decoder_depth, cfg.num_heads, cfg.mlp_ratio, jnp.dtype(config.dtype))
+                         cfg.decoder_depth, cfg.num_heads, cfg.mlp_ratio, dtype,
+                         attention_implementation=config.attention_implementation)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)
   test_partitions = [random_partition(k, num_tokens, cfg.num_subsets) for k in test_keys]
