@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxad import losses, optim
+from jaxad import losses, models, optim
 from jaxad.models import AnomalyModel, layers, tome
 
 
@@ -178,7 +178,7 @@ def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
 
 def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   cfg = config.mvg
-  dtype = jnp.dtype(config.dtype)
+  dtype = models.compute_dtype(config.dtype)
   size = config.dataset.image_size
   channels = config.dataset.channels
   for name, p in (('patch_size', cfg.patch_size), ('disc_patch_size', cfg.disc_patch_size)):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from jaxad import losses, optim
+from jaxad import losses, models, optim
 from jaxad.models import AnomalyModel, layers
 
 
@@ -121,7 +121,7 @@ def network(config: ml_collections.ConfigDict) -> ViTMemAE:
       out_channels=config.dataset.channels, use_memory=cfg.use_memory,
       use_coord_attention=cfg.use_coord_attention, num_memory=cfg.num_memory,
       shrink_scale=cfg.shrink_scale, memory_temperature=cfg.memory_temperature,
-      ca_reduction=cfg.ca_reduction, dtype=jnp.dtype(config.dtype))
+      ca_reduction=cfg.ca_reduction, dtype=models.compute_dtype(config.dtype))
 
 
 def reconstruct(net: ViTMemAE, state: optim.TrainState, images: jax.Array) -> jax.Array:
