@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import override
 from jaxad import losses, metrics, parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import layers, vit_memae
@@ -159,13 +160,7 @@ def tiny_vit_memae_config(root: str, variant: str = '', **overrides):
   c.vit_memae.depth = 1
   c.vit_memae.decoder_channels = (32, 32, 16, 16, 8, 8)
   c.vit_memae.smoothing_sigma = 2.0
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return override(c, **overrides)
 
 
 def _train(config, workdir, categories=None, stop_after=None):
