@@ -1,0 +1,11 @@
+"""SIVT Sec. IV-C.3, effect of the subset number N (and its cost); `:fine` adds odd N.
+
+python -m jaxad.sweep --config configs/sivt.py:paper --sweep configs/sweeps/sivt_subsets.py --seeds 5
+"""
+
+from jaxad.sweep import grid
+
+
+def get_sweep(arg=None) -> list[dict]:
+  subsets = [2, 3, 4, 5, 6, 8] if arg == 'fine' else [2, 4, 8, 16]
+  return grid({'sivt.num_subsets': subsets})

@@ -1,0 +1,105 @@
+"""jaxad.sweep and jaxad.report: a 2x2 mean-image sweep x 2 seeds, rerun skips, report vs numpy."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from jaxad import sweep
+
+_SWEEP = '''
+from jaxad.sweep import grid
+
+
+def get_sweep(arg=None):
+  return grid({'mean_image.smoothing_sigma': [1.0, 3.0], 'augment.hflip': [False, True]})
+'''
+
+
+def _sweep_cmd(sweep_file, workdir, root, *extra):
+  return [sys.executable, '-m', 'jaxad.sweep', '--config', str(REPO / 'configs' / 'mean_image.py'),
+          '--sweep', str(sweep_file), '--workdir', str(workdir), '--seeds', '2',
+          '--override', 'dataset.name=folder', '--override', f'dataset.root={root}',
+          '--override', 'dataset.categories=weave', '--override', 'dataset.image_size=32',
+          '--override', 'batch_size=4', '--override', 'eval_batch_size=10',
+          '--override', 'num_heatmaps=0', *extra]
+
+
+def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
+  sweep_file = tmp_path / 'grid.py'
+  sweep_file.write_text(_SWEEP)
+  workdir = tmp_path / 'sweep'
+  cmd = _sweep_cmd(sweep_file, workdir, tiny_dataset)
+  first = subprocess.run([*cmd, '--parallel', '2'], capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert first.returncode == 0, first.stderr[-3000:]
+  runs = sorted(workdir.glob('*/seed_*/metrics.json'))
+  assert len(runs) == 8
+  assert (workdir / 'mean_image.smoothing_sigma=3.0,augment.hflip=True' / 'seed_1' / 'metrics.json') in runs
+  stamps = [p.stat().st_mtime_ns for p in runs]
+
+  again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert again.returncode == 0 and '8 finished, 0 to run' in again.stderr, again.stderr[-3000:]
+  assert [p.stat().st_mtime_ns for p in runs] == stamps
+
+  # An unfinished run (no metrics.json) is resumed from its checkpoint, not retrained.
+  unfinished = runs[0]
+  unfinished.unlink()
+  printed = subprocess.run([*cmd, '--executor', 'print'], capture_output=True, text=True, cwd=REPO)
+  assert printed.stdout.count('jaxad.main') == 1 and str(unfinished.parent) in printed.stdout
+  resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resumed from step 3' in (unfinished.parent / 'output.log').read_text()
+  assert unfinished.exists()
+
+  report = subprocess.run([sys.executable, '-m', 'jaxad.report', str(workdir)], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+  assert report.returncode == 0, report.stderr[-3000:]
+  with open(workdir / 'report.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 4
+  stds = []
+  for row in rows:
+    values = {k: [] for k in ('image_auroc', 'pixel_auroc', 'aupro')}
+    for seed in (0, 1):
+      mean = json.loads((workdir / row['point'] / f'seed_{seed}' / 'metrics.json').read_text())['mean']
+      for k in values:
+        values[k].append(mean[k])
+    assert row['num_seeds'] == '2'
+    for k, v in values.items():
+      np.testing.assert_allclose(float(row[f'{k}_mean']), np.mean(v), rtol=1e-12)
+      np.testing.assert_allclose(float(row[f'{k}_std']), np.std(v, ddof=1), rtol=1e-9, atol=1e-15)
+      stds.append(np.std(v, ddof=1))
+  assert max(stds) > 0  # Seeds change the flips, so the report has real spread to check.
+  assert '| mean_image.smoothing_sigma | augment.hflip | seeds |' in report.stdout
+  assert Image.open(workdir / 'report.png').size[0] > 300
+
+
+def test_grid_and_point_names():
+  points = sweep.grid({'a.b': [1, 2], 'c': ['x', 'y z']})
+  assert points == [{'a.b': 1, 'c': 'x'}, {'a.b': 1, 'c': 'y z'}, {'a.b': 2, 'c': 'x'},
+                    {'a.b': 2, 'c': 'y z'}]
+  assert [sweep.point_name(p) for p in points[:2]] == ['a.b=1,c=x', 'a.b=1,c=y_z']
+  runs = sweep.plan('configs/x.py:v', points[:1], 2, 'sw', {'dataset.root': '/d'})
+  assert [r['workdir'] for r in runs] == ['sw/a.b=1,c=x/seed_0', 'sw/a.b=1,c=x/seed_1']
+  assert runs[1]['args'][-4:] == ['--config.dataset.root=/d', '--config.a.b=1', '--config.c=x',
+                                  '--config.seed=1']
+
+
+@pytest.mark.parametrize('path', sorted((REPO / 'configs' / 'sweeps').glob('*.py')))
+def test_shipped_sweeps_name_real_config_fields(path):
+  """Every sweep file configs/sweeps/<model>_<what>.py names fields that configs/<model>.py has."""
+  model = max((p.stem for p in (REPO / 'configs').glob('*.py') if path.stem.startswith(p.stem + '_')),
+              key=len)
+  spec = importlib.util.spec_from_file_location(model, REPO / 'configs' / f'{model}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  points = sweep._load(str(path), 'get_sweep')
+  assert len(points) >= 2
+  for p in points:
+    sweep.check_fields(module.get_config(), p, str(path))
