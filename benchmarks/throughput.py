@@ -1,0 +1,160 @@
+"""Train and inference throughput of one model on the devices JAX sees; prints one JSON line.
+
+  python benchmarks/throughput.py --config configs/sivt.py:paper --batch 64 --steps 20 \
+      --config.backbone.weights=efficientnet_b4.npz --config.dtype=auto
+
+The model is built and stepped through the harness's own pieces (models.build, train.make_train_step,
+train.init_run_state, the ('data',) mesh and batch sharding) on one synthetic batch of uniform random
+images of the configured shape, fed as the harness feeds it: through pipeline.train_iterator and,
+for frozen-backbone models with `backbone.cache_features` and no augmentation, as the cached
+`precompute` outputs (e.g. SIVT's 'features'). The input pipeline itself is not timed.
+
+Times: the median over --repeats of the seconds per step of --steps back-to-back steps, after
+--warmup steps, synchronised with block_until_ready. Inference times the model's `score`.
+FLOPs per step come from XLA's cost analysis of the compiled step (which sees nothing inside custom
+calls such as cuDNN fused attention) or, for models with an analytic count (SIVT, jaxad.perf), from
+that count (--flops=auto prefers it). MFU = (FLOPs per step / step time) / (peak FLOP/s of the devices
+at the compute dtype, jaxad.perf); null where the peak is unknown (CPUs).
+"""
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxad import models, parallel, perf, train  # noqa: E402
+from jaxad.data import pipeline  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=False)
+_BATCH = flags.DEFINE_integer('batch', None, 'Global batch size (default: config.batch_size).')
+_STEPS = flags.DEFINE_integer('steps', 20, 'Back-to-back steps per timed repeat.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
+_FLOPS = flags.DEFINE_enum('flops', 'auto', ['auto', 'xla', 'analytic'],
+                           'FLOPs per step for MFU: analytic where the model has a count, else XLA.')
+_PHASE = flags.DEFINE_string('phase', None, 'Phase to time for models with config.phases '
+                             '(default: the last).')
+flags.mark_flags_as_required(['config'])
+
+# Analytic (train, score) FLOPs per image, for models whose steps XLA's cost analysis cannot see into.
+_ANALYTIC = {'sivt': (perf.sivt_train_flops, perf.sivt_score_flops)}
+
+
+def _peak_memory() -> int | None:
+  stats = [d.memory_stats() for d in jax.local_devices()]
+  peaks = [s.get('peak_bytes_in_use') for s in stats if s]
+  return max(peaks) if peaks and None not in peaks else None
+
+
+def _compile(fn, *args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flops_source: str = 'auto',
+            phase: str | None = None) -> dict:
+  """The JSON record of one model (see the module docstring)."""
+  jax.config.update('jax_threefry_partitionable', True)
+  config.batch_size = config.eval_batch_size = batch_size
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(batch_size, mesh)
+  model = models.build(config, max(1, warmup + steps * repeats))
+  frozen = parallel.replicate(model.frozen, mesh)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+
+  rng = np.random.default_rng(config.seed)
+  size, channels = config.dataset.image_size, config.dataset.channels
+  images = {'image': rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32),
+            'label': np.zeros(batch_size, np.int32), 'mask': np.zeros((batch_size, size, size), np.uint8),
+            'index': np.arange(batch_size, dtype=np.int32)}
+  source = pipeline.ArraySource(images, name='throughput-synthetic')
+  cached = bool(model.cached_keys) and pipeline.augmentation(config) is None
+  if cached:  # As train.train: the step reads the frozen backbone's cached outputs.
+    source = train.precompute_source(model, frozen, source, config, mesh)
+  it = pipeline.train_iterator(source, config, process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  batch = {k: v for k, v in next(it).items() if k not in train._EVAL_ONLY_KEYS}
+  batch = parallel.shard_batch(batch, mesh)
+  example = {k: v[None] for k, v in source[0].items() if k not in train._EVAL_ONLY_KEYS}
+  if model.prepare is not None:
+    example.update(model.prepare(source))
+  run_state = train.init_run_state(model, example, frozen, mesh, init_key)
+
+  schedule = train.phase_schedule(config, batch_size)
+  phase = phase or schedule[-1][0]
+  step, compile_s = _compile(train.make_train_step(model, mesh, train_key, phase), run_state, batch, frozen)
+  state = run_state
+
+  def train_once():
+    nonlocal state
+    state, metrics = step(state, batch, frozen)
+    return metrics
+  for _ in range(warmup):
+    jax.block_until_ready(train_once())
+  train_s = perf.median_seconds(train_once, steps, repeats)
+
+  eval_batch = parallel.shard_batch(images, mesh)
+  score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
+  score, score_compile_s = _compile(score_fn, state.model, eval_batch, frozen)
+  for _ in range(warmup):
+    jax.block_until_ready(score(state.model, eval_batch, frozen))
+  infer_s = perf.median_seconds(lambda: score(state.model, eval_batch, frozen), steps, repeats)
+
+  xla_train, xla_infer = perf.xla_flops(step), perf.xla_flops(score)
+  analytic_train = analytic_infer = None
+  if config.model.name in _ANALYTIC:
+    train_fn, score_fn_flops = _ANALYTIC[config.model.name]
+    backbone = 0.0
+    if model.precompute is not None:  # Convolutions only: XLA's count is good for them.
+      pre, _ = _compile(jax.jit(model.precompute), {'image': eval_batch['image']}, frozen)
+      backbone = (perf.xla_flops(pre) or 0.0) / batch_size
+    analytic_train = batch_size * (train_fn(config) + (0.0 if cached else backbone))
+    analytic_infer = batch_size * (score_fn_flops(config) + backbone)
+  use_analytic = flops_source == 'analytic' or (flops_source == 'auto' and analytic_train is not None)
+  if flops_source == 'analytic' and analytic_train is None:
+    raise ValueError(f'No analytic FLOP count for model {config.model.name!r}; use --flops=xla.')
+  train_flops = analytic_train if use_analytic else xla_train
+  infer_flops = analytic_infer if use_analytic else xla_infer
+
+  device = jax.devices()[0]
+  dtype = models.compute_dtype(config.dtype).name
+  peak = perf.peak_flops(device.device_kind, dtype)
+  n = jax.device_count()
+  return {
+      'model': config.model.name, 'device_kind': device.device_kind, 'platform': device.platform,
+      'num_devices': n, 'dtype': dtype, 'attention_implementation': config.get('attention_implementation'),
+      'batch': batch_size, 'phase': phase, 'cached_features': cached,
+      'train_img_per_s': batch_size / train_s, 'infer_img_per_s': batch_size / infer_s,
+      'train_step_ms': 1e3 * train_s, 'infer_step_ms': 1e3 * infer_s,
+      'compile_s': compile_s, 'infer_compile_s': score_compile_s,
+      'peak_memory_bytes': _peak_memory(),
+      'flops_source': 'analytic' if use_analytic else 'xla',
+      'train_flops_per_step': train_flops, 'infer_flops_per_step': infer_flops,
+      'train_flops_per_step_xla': xla_train, 'infer_flops_per_step_xla': xla_infer,
+      'train_flops_per_step_analytic': analytic_train, 'infer_flops_per_step_analytic': analytic_infer,
+      'peak_flops_per_device': peak,
+      'train_mfu': perf.mfu(train_flops, train_s, peak, n), 'infer_mfu': perf.mfu(infer_flops, infer_s, peak, n),
+      'steps': steps, 'repeats': repeats, 'jax_version': jax.__version__,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  record = measure(config, _BATCH.value or config.batch_size, _STEPS.value, _REPEATS.value,
+                   _WARMUP.value, _FLOPS.value, _PHASE.value)
+  record = {'config': config_flags.get_config_filename(flags.FLAGS['config']), **record}
+  if jax.process_index() == 0:
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
