@@ -70,13 +70,15 @@ class ViTEncoder(nn.Module):
   latent_dim: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
   def __call__(self, image: jax.Array):
     x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
     hs = []
     for i in range(self.depth):
-      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'block_{i}')(x)
+      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
+                       name=f'block_{i}')(x)
       hs.append(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     z = nn.Dense(self.latent_dim, dtype=self.dtype, name='to_latent')(x)
@@ -95,6 +97,7 @@ class UViTGenerator(nn.Module):
   long_skips: bool = True
   out_conv: bool = True
   dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
   def __call__(self, image: jax.Array):
@@ -102,7 +105,7 @@ class UViTGenerator(nn.Module):
     p = self.patch_size
     gh, gw = h // p, w // p
     z, hs = ViTEncoder(p, self.width, self.depth, self.num_heads, self.latent_dim, self.mlp_ratio,
-                       self.dtype, name='encoder')(image)
+                       self.dtype, self.attention_implementation, name='encoder')(image)
     pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, self.width)).astype(self.dtype)
     x = nn.Dense(self.width, dtype=self.dtype, name='from_latent')(z.astype(self.dtype)) + pos
     for j in range(self.depth):
@@ -110,7 +113,8 @@ class UViTGenerator(nn.Module):
         skip = hs[self.depth - 1 - j]
         x = nn.Dense(self.width, dtype=self.dtype, name=f'skip_linear_{j}')(
             jnp.concatenate([x, skip], axis=-1))
-      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'decoder_block_{j}')(x)
+      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
+                       name=f'decoder_block_{j}')(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(x)
     x = nn.Dense(p * p * self.channels, dtype=self.dtype, name='decoder_pred')(x)
     x = x.reshape(b, gh, gw, p, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
@@ -187,9 +191,10 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   masks = jnp.asarray(complementary_masks(size, tuple(cfg.mask_cells)))  # [S, 2, H, W]
   num_scales = masks.shape[0]
   gen = UViTGenerator(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim, channels,
-                      cfg.mlp_ratio, cfg.long_skips, cfg.out_conv, dtype)
+                      cfg.mlp_ratio, cfg.long_skips, cfg.out_conv, dtype,
+                      attention_implementation=config.attention_implementation)
   enc = ViTEncoder(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim,
-                   cfg.mlp_ratio, dtype)
+                   cfg.mlp_ratio, dtype, attention_implementation=config.attention_implementation)
   disc = ToMeDiscriminator(cfg.disc_patch_size, cfg.disc_width, cfg.disc_depth, cfg.disc_num_heads,
                            cfg.disc_feature_dim, cfg.tome_r, cfg.mlp_ratio, dtype)
   a_adv, a_enc, a_con = (float(a) for a in cfg.alpha)

@@ -36,6 +36,7 @@ class ViTEncoder(nn.Module):
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -50,7 +51,8 @@ class ViTEncoder(nn.Module):
     z = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(tokens.dtype), tokens], 1)
     z = z + pos.astype(z.dtype)
     for i in range(self.depth):
-      z = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, name=f'block_{i}')(z)
+      z = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
+                       name=f'block_{i}')(z)
     z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(z)
     return z[:, 1:].reshape(b, gh, gw, self.width), z[:, 0]
 
@@ -93,12 +95,13 @@ class ViTMemAE(nn.Module):
   memory_temperature: float = 1.0
   ca_reduction: int = 32
   dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
     x = (2.0 * images - 1.0).astype(self.dtype)  # [0, 1] -> [-1, 1], the range of the tanh output.
     f, _ = ViTEncoder(self.patch_size, self.width, self.depth, self.num_heads, self.mlp_ratio,
-                      self.dtype, name='encoder')(x)
+                      self.dtype, self.attention_implementation, name='encoder')(x)
     weights = None
     if self.use_memory:
       f, weights = layers.Memory(self.num_memory, self.shrink_scale, self.memory_temperature,
@@ -121,7 +124,8 @@ def network(config: ml_collections.ConfigDict) -> ViTMemAE:
       out_channels=config.dataset.channels, use_memory=cfg.use_memory,
       use_coord_attention=cfg.use_coord_attention, num_memory=cfg.num_memory,
       shrink_scale=cfg.shrink_scale, memory_temperature=cfg.memory_temperature,
-      ca_reduction=cfg.ca_reduction, dtype=models.compute_dtype(config.dtype))
+      ca_reduction=cfg.ca_reduction, dtype=models.compute_dtype(config.dtype),
+      attention_implementation=config.attention_implementation)
 
 
 def reconstruct(net: ViTMemAE, state: optim.TrainState, images: jax.Array) -> jax.Array:
