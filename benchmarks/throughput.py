@@ -72,7 +72,8 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
   rng = np.random.default_rng(config.seed)
   size, channels = config.dataset.image_size, config.dataset.channels
   images = {'image': rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32),
-            'label': np.zeros(batch_size, np.int32), 'mask': np.zeros((batch_size, size, size), np.uint8),
+            'label': np.zeros(batch_size, np.int32),
+            'mask': np.zeros((batch_size, size, size), np.uint8),
             'index': np.arange(batch_size, dtype=np.int32)}
   source = pipeline.ArraySource(images, name='throughput-synthetic')
   cached = bool(model.cached_keys) and pipeline.augmentation(config) is None
@@ -89,7 +90,8 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
 
   schedule = train.phase_schedule(config, batch_size)
   phase = phase or schedule[-1][0]
-  step, compile_s = _compile(train.make_train_step(model, mesh, train_key, phase), run_state, batch, frozen)
+  step, compile_s = _compile(train.make_train_step(model, mesh, train_key, phase), run_state, batch,
+                             frozen)
   state = run_state
 
   def train_once():
@@ -129,7 +131,8 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
   n = jax.device_count()
   return {
       'model': config.model.name, 'device_kind': device.device_kind, 'platform': device.platform,
-      'num_devices': n, 'dtype': dtype, 'attention_implementation': config.get('attention_implementation'),
+      'num_devices': n, 'dtype': dtype,
+      'attention_implementation': config.get('attention_implementation'),
       'batch': batch_size, 'phase': phase, 'cached_features': cached,
       'train_img_per_s': batch_size / train_s, 'infer_img_per_s': batch_size / infer_s,
       'train_step_ms': 1e3 * train_s, 'infer_step_ms': 1e3 * infer_s,
@@ -140,7 +143,8 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
       'train_flops_per_step_xla': xla_train, 'infer_flops_per_step_xla': xla_infer,
       'train_flops_per_step_analytic': analytic_train, 'infer_flops_per_step_analytic': analytic_infer,
       'peak_flops_per_device': peak,
-      'train_mfu': perf.mfu(train_flops, train_s, peak, n), 'infer_mfu': perf.mfu(infer_flops, infer_s, peak, n),
+      'train_mfu': perf.mfu(train_flops, train_s, peak, n),
+      'infer_mfu': perf.mfu(infer_flops, infer_s, peak, n),
       'steps': steps, 'repeats': repeats, 'jax_version': jax.__version__,
   }
 
