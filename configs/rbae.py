@@ -14,7 +14,7 @@ import ml_collections
 
 from configs import common
 
-PHASE_EPOCHS = {'': (24, 16), 'paper': (400, 200)}  # (reconstruct, repair) epochs per variant.
+PHASE_EPOCHS = {'': (12, 8), 'paper': (400, 200)}  # (reconstruct, repair) epochs per variant.
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
@@ -71,6 +71,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.rbae.reference = 'medoid'      # 'medoid' (training image nearest the mean image) or 'index'.
   c.rbae.reference_index = 0       # Training image used when reference='index'.
   c.rbae.smoothing_sigma = 2.0     # Gaussian sigma (pixels) of the final map; image score = its max.
+  # The offline VGG16 is the Caffe/Keras one (inputs 0-255 minus the mean); the paper's torchvision VGG16
+  # takes inputs / std (std ~ 0.226 * 255 = 57.6), so its maps are ~57.6x smaller. Dividing by this keeps
+  # Eq. 14/17's 100 : 1 balance of L_rec and L_per; 1 uses the raw maps.
+  c.rbae.vgg_feature_scale = 57.6
 
   if variant == 'paper':
     c.dataset.name = 'folder'

@@ -271,11 +271,11 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   size = config.dataset.image_size
 
   def perceptual(frozen, a, b):
-    """Eq. 13/16: mean over the VGG16 ReLU maps of the mean absolute difference."""
+    """Eq. 13/16: mean over the VGG16 ReLU maps of the mean absolute difference, / vgg_feature_scale."""
     rgb = lambda x: jnp.broadcast_to(x, (*x.shape[:3], 3))
     fa = vgg.apply_fn(frozen['vgg'], rgb(a))
     fb = vgg.apply_fn(frozen['vgg'], rgb(b))
-    return jnp.mean(jnp.stack([jnp.mean(jnp.abs(x - y)) for x, y in zip(fa, fb)]))
+    return jnp.mean(jnp.stack([jnp.mean(jnp.abs(x - y)) for x, y in zip(fa, fb)])) / cfg.vgg_feature_scale
 
   def init(rng, batch, frozen):
     del frozen
