@@ -1,7 +1,7 @@
 """TMIRN: multi-scale Transformer reconstruction GAN (tmirn_infrared_multiscale_reconstruction.txt).
 
   configs/tmirn.py        the embedded synthetic dataset (incl. the infrared-like ring_seal) on a CPU:
-                          64x64, the paper's architecture with base width 16 (16 ... 256 channels)
+                          64x64, the paper's architecture with base width 8 (8 ... 128 channels)
                           and one PVT block per ViT module.
   configs/tmirn.py:paper  Sec. IV-C: 224x224, base width 32 (Table I: 128x28x28, 256x14x14,
                           512x7x7), Adam 2e-4 betas (0.5, 0.999), 200 epochs, random flips and
@@ -22,7 +22,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.dataset.image_size = 64       # Must be a multiple of 32 (five stride-2 levels).
   c.dataset.unified = True        # One model over all categories (per-category: see :paper).
   c.batch_size = 16
-  c.num_epochs = 20
+  c.num_epochs = 8
   c.eval_batch_size = 32
   c.log_every = 10
   c.optimizer.name = 'adam'
@@ -33,8 +33,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   c.tmirn = ml_collections.ConfigDict()
   # Architecture (G and D share the MTFE/MAFF layout).
-  c.tmirn.base_width = 16         # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
-  c.tmirn.disc_base_width = 16    # The discriminator's base width (the paper's D = its encoder).
+  c.tmirn.base_width = 8          # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
+  c.tmirn.disc_base_width = 8     # The discriminator's base width (the paper's D = its encoder).
   c.tmirn.vit_depth = 1           # PVT blocks per ViT module (Fig. 5: two); 0 = conv only.
   c.tmirn.head_dim = 32           # Attention heads = channels // head_dim (at least 1).
   c.tmirn.pool_tokens = 4         # K, V average-pooled with k = H // pool_tokens (Eq. 2-3).

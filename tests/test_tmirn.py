@@ -246,3 +246,28 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tiny_dataset, tm
     _train(config, tmp_path, 'weave')
   steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps[-1] == 2
+
+
+def short_run_metrics(root: str, workdir, seed: int = 0) -> dict:
+  """The default config on the embedded ring_seal (infrared) category: 64x64, 60 images, 6 epochs."""
+  config = tmirn_config.get_config()
+  config.dataset.name = 'folder'
+  config.dataset.root = root
+  config.seed = seed
+  config.batch_size = 8
+  config.eval_batch_size = 16
+  config.num_epochs = 6
+  config.log_every = 1000
+  config.num_heatmaps = 0
+  model, state, frozen = _train(config, workdir, 'ring_seal')
+  from jaxad import evaluate
+  test = pipeline.scan(config, root, 'ring_seal', 'test')
+  scored = evaluate.score_samples(config, model, state, frozen, test, parallel.make_mesh())
+  return metrics.compute_all(scored['scores'], scored['labels'], scored['maps'], scored['masks'])
+
+
+def test_short_run_beats_chance_on_embedded_ring_seal(embedded_dataset, tmp_path):
+  result = short_run_metrics(embedded_dataset, tmp_path)
+  print('ring_seal after 45 steps:', {k: round(float(v), 3) for k, v in result.items()})
+  assert result['pixel_auroc'] > 0.7
+  assert result['image_auroc'] > 0.7
