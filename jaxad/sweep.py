@@ -151,9 +151,9 @@ def main(argv):
   else:
     with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
       codes = list(pool.map(_run_local, pending))
-    failed = [r['workdir'] for r, c in zip(pending, codes) if c != 0]
-    if failed:
-      raise SystemExit(f'{len(failed)} runs failed (see output.log in each): {failed}')
+    failed = [r['workdir'] for r, c in zip(pending, codes) if c != 0 or not finished(r)]
+    if failed:  # Failed, or stopped by a signal with a checkpoint (rerun the sweep to resume).
+      raise SystemExit(f'{len(failed)} runs did not finish (see output.log in each): {failed}')
     print(f'All {len(runs)} runs finished in {workdir}', file=sys.stderr)
 
 
