@@ -4,7 +4,8 @@ python benchmarks/input_pipeline.py --root /work/shared/data/realad/mvtec_ad --c
     --image_size 256 --workers 0,2
 
 Times the training iterator alone (decode, resize, shuffle, batch; no model) over `--epochs` epochs
-after its first batch, and the one-off preparation of the TFDS files.
+after its first batch, and the one-off preparation of the TFDS files. With workers=0 it also reports
+images per CPU second of the process, which other jobs on the machine do not distort.
 """
 
 import argparse
@@ -33,17 +34,20 @@ def _config(args, name, tfds_dir, workers):
   return c
 
 
-def throughput(config) -> float:
+def throughput(config) -> tuple[float, float]:
+  """(images per wall-clock second, images per CPU second of this process: with workers=0 all the
+  work, and robust to other jobs sharing the machine)."""
   root = pipeline.dataset_root(config)
   samples = [s for c in pipeline.categories(config, root) for s in pipeline.scan(config, root, c, 'train')]
   it = pipeline.train_iterator(pipeline.image_source(config, samples), config, process_index=0,
                                process_count=1)
   next(it)  # Start-up (worker processes, file opening) is not throughput.
   n = (len(samples) * (config.num_epochs - 1)) // config.batch_size
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for _ in range(n):
     next(it)
-  return n * config.batch_size / (time.perf_counter() - t0)
+  images = n * config.batch_size
+  return images / (time.perf_counter() - t0), images / (time.process_time() - c0)
 
 
 def main():
@@ -64,8 +68,9 @@ def main():
     print(f'prepare {args.category} at {args.image_size}px: {time.perf_counter() - t0:.1f} s')
     for workers in map(int, args.workers.split(',')):
       for name in ('folder', 'tfds'):
-        rate = throughput(_config(args, name, tfds_dir, workers))
-        print(f'{name:6s} workers={workers}: {rate:8.1f} images/s')
+        wall, cpu = throughput(_config(args, name, tfds_dir, workers))
+        print(f'{name:6s} workers={workers}: {wall:8.1f} images/s' +
+              (f', {cpu:8.1f} images per CPU second' if workers == 0 else ''))
 
 
 if __name__ == '__main__':
