@@ -39,13 +39,34 @@ def test_same_seed_is_bitwise_reproducible_and_seed_matters(tiny_dataset, tmp_pa
   assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(c)[0])
 
 
-def test_resume_equals_uninterrupted_run(tiny_dataset, tmp_path):
-  config = tiny_sivt_config(tiny_dataset, num_epochs=3)
+def test_resume_after_sigterm_at_a_random_step_equals_uninterrupted_run(tiny_dataset, tmp_path,
+                                                                        monkeypatch):
+  """A real SIGTERM (to this process) at a random step, then a rerun: bitwise the uninterrupted run."""
+  import os
+  import re
+  import signal
+  from jaxad import writers
+  config = tiny_sivt_config(tiny_dataset, num_epochs=3, log_every=1)  # 9 steps.
   full = _train(config, tmp_path / 'full')
-  _train(config, tmp_path / 'resumed', stop_after=3)
-  assert (tmp_path / 'resumed' / 'checkpoints' / '3').exists()
-  resumed = _train(config, tmp_path / 'resumed')
+  kill_at = int(np.random.default_rng().integers(1, 8))  # A different step each test run.
+  write_scalars = writers.MetricWriter.write_scalars
+
+  def write_and_maybe_kill(self, step, scalars):  # Runs inside the training loop only.
+    write_scalars(self, step, scalars)
+    if step == kill_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(writers.MetricWriter, 'write_scalars', write_and_maybe_kill)
+  with pytest.raises(train.Preempted) as stopped:
+    _train(config, tmp_path / 'killed')
+  monkeypatch.undo()
+  step = int(re.search(r'SIGTERM at step (\d+):', str(stopped.value)).group(1))
+  assert kill_at <= step < 9, (kill_at, step)
+  resumed = _train(config, tmp_path / 'killed')
   _assert_bitwise_equal(full, resumed)
+  losses = [[(r['step'], r['train/loss']) for r in map(json.loads, (tmp_path / d / 'log.jsonl').open())
+             if 'train/loss' in r] for d in ('full', 'killed')]
+  assert losses[0] == losses[1] and len(losses[0]) == 9, kill_at
 
 
 def test_grain_batches_do_not_depend_on_worker_count(tiny_dataset):
@@ -182,32 +203,3 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path
     rerun.send_signal(signal.SIGTERM)
     rerun.wait(timeout=300)
   assert f'Resumed from step {max(steps)}' in err.read_text()
-
-
-def test_sigterm_at_a_random_step_then_resume_is_bitwise_equal(tiny_dataset, tmp_path, monkeypatch):
-  """A real SIGTERM (to this process) at a random step; the resumed run equals an uninterrupted one."""
-  import os
-  import re
-  import signal
-  from jaxad import writers
-  config = tiny_sivt_config(tiny_dataset, num_epochs=3, log_every=1)  # 9 steps.
-  full = _train(config, tmp_path / 'full')
-  kill_at = int(np.random.default_rng().integers(1, 8))  # A different step each test run.
-  write_scalars = writers.MetricWriter.write_scalars
-
-  def write_and_maybe_kill(self, step, scalars):  # Runs inside the training loop only.
-    write_scalars(self, step, scalars)
-    if step == kill_at:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(writers.MetricWriter, 'write_scalars', write_and_maybe_kill)
-  with pytest.raises(train.Preempted) as stopped:
-    _train(config, tmp_path / 'killed')
-  monkeypatch.undo()
-  step = int(re.search(r'SIGTERM at step (\d+):', str(stopped.value)).group(1))
-  assert kill_at <= step < 9, (kill_at, step)
-  resumed = _train(config, tmp_path / 'killed')
-  _assert_bitwise_equal(full, resumed)
-  losses = [[(r['step'], r['train/loss']) for r in map(json.loads, (tmp_path / d / 'log.jsonl').open())
-             if 'train/loss' in r] for d in ('full', 'killed')]
-  assert losses[0] == losses[1] and len(losses[0]) == 9, kill_at
