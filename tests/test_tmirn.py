@@ -20,6 +20,7 @@ def _tiny_config(**overrides):
   c.dataset.image_size = 32
   c.batch_size = 4
   c.eval_batch_size = 4
+  c.optimizer.warmup_steps = 0    # A first step with learning rate 0 would change nothing.
   c.tmirn.base_width = 4
   c.tmirn.disc_base_width = 4
   c.tmirn.head_dim = 4
