@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 0         # 0: evaluate only at the end; k: also every k epochs.
   c.eval_batch_size = 32          # Global batch size for scoring the test split.
   c.num_heatmaps = 6              # Heatmap PNGs written per category at evaluation.
-  c.dtype = 'float32'             # Activation/matmul dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on
+  c.dtype = 'auto'                # Activation/matmul dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on
                                   # GPU/TPU, float32 on CPU); params, optimizer state, losses, scores stay fp32.
   c.attention_implementation = ml_collections.config_dict.placeholder(str)  # jax.nn.dot_product_attention
                                   # implementation: None (XLA picks), 'xla' or 'cudnn' (head dim % 8 == 0).

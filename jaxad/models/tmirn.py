@@ -40,7 +40,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from jaxad import losses, optim
+from jaxad import losses, models, optim
 from jaxad.models import AnomalyModel, layers
 
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
@@ -418,7 +418,7 @@ def anomaly_map(images, recons, enc_f, dec_f, cfg: ml_collections.ConfigDict) ->
 
 def _nets(config: ml_collections.ConfigDict):
   cfg = config.tmirn
-  dtype = jnp.dtype(config.dtype)
+  dtype = models.compute_dtype(config.dtype)
   common = dict(vit_depth=cfg.vit_depth, head_dim=cfg.head_dim, pool_tokens=cfg.pool_tokens,
                 mlp_ratio=cfg.mlp_ratio, dtype=dtype, use_maff=cfg.use_maff)
   gen = Generator(base_width=cfg.base_width, channels=config.dataset.channels,
