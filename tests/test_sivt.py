@@ -45,22 +45,23 @@ def _mean_metrics(config, workdir) -> dict:
           for k in ('image_auroc', 'pixel_auroc', 'aupro')}
 
 
-def test_sivt_localises_defects_on_embedded_data_far_better_than_mean_image(embedded_dataset,
-                                                                           tmp_path):
+def test_sivt_beats_mean_image_on_embedded_data_at_pixel_and_image_level(embedded_dataset,
+                                                                         tmp_path):
   sivt = _mean_metrics(_folder(sivt_config.get_config(), embedded_dataset, num_epochs=10),
                        tmp_path / 'sivt')
   baseline = _mean_metrics(_folder(mean_image_config.get_config(), embedded_dataset),
                            tmp_path / 'baseline')
   print('SIVT', sivt, '\nmean image', baseline)
   # Pixel level over ~2.5 M test pixels of five categories: chance is 0.5 (+- 0.001), the baseline
-  # measured 0.46 and SIVT 0.86 after these 10 epochs (0.90 after the default 30), so 0.8 and a 0.25
-  # lead leave a wide margin. AUPRO (chance ~0.15 at FPR 0.3): baseline 0.24.
+  # measured 0.44 and SIVT 0.89 after these 10 epochs (0.93 after the default 30), so 0.8 and a 0.25
+  # lead leave a wide margin. AUPRO (chance ~0.15 at FPR 0.3): baseline 0.22, SIVT 0.70.
   assert sivt['pixel_auroc'] >= 0.8
   assert sivt['pixel_auroc'] >= baseline['pixel_auroc'] + 0.25
   assert sivt['aupro'] >= baseline['aupro'] + 0.15
-  # Image level the embedded data is hard for a 10-epoch run (see README); it must not be worse than
-  # chance by more than noise (sd of the five-category mean AUROC of random scores is ~0.04).
-  assert sivt['image_auroc'] >= 0.45
+  # Image level (150 test images; the sd of the five-category mean AUROC of random scores is ~0.04):
+  # measured SIVT 0.66 after 10 epochs (0.76 after 30), the baseline 0.47.
+  assert sivt['image_auroc'] >= 0.6
+  assert sivt['image_auroc'] >= baseline['image_auroc'] + 0.1
 
 
 @pytest.mark.slow
