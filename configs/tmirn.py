@@ -2,7 +2,7 @@
 
   configs/tmirn.py        the embedded synthetic dataset (incl. the infrared-like ring_seal) on a CPU:
                           64x64, the paper's architecture with base width 8 (8 ... 128 channels)
-                          and one PVT block per ViT module.
+                          and one PVT block per ViT module in G, a conv-only D.
   configs/tmirn.py:paper  Sec. IV-C: 224x224, base width 32 (Table I: 128x28x28, 256x14x14,
                           512x7x7), Adam 2e-4 betas (0.5, 0.999), 200 epochs, random flips and
                           +-10 degree rotations, one model per category.
@@ -36,6 +36,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.tmirn.base_width = 8          # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
   c.tmirn.disc_base_width = 8     # The discriminator's base width (the paper's D = its encoder).
   c.tmirn.vit_depth = 1           # PVT blocks per ViT module (Fig. 5: two); 0 = conv only.
+  c.tmirn.disc_vit_depth = 0      # The discriminator's (paper: as G's). 0, a conv-only D, for CPU compile
+                                  # time: the gradient penalty differentiates D's three MTFEs twice.
   c.tmirn.head_dim = 32           # Attention heads = channels // head_dim (at least 1).
   c.tmirn.pool_tokens = 4         # K, V average-pooled with k = H // pool_tokens (Eq. 2-3).
   c.tmirn.mlp_ratio = 4.0         # FFD hidden width / channels (Eq. 6).
@@ -47,6 +49,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.tmirn.soft_labels = (0.9, 0.1)  # D targets for real and reconstructed images (Eq. 15).
   c.tmirn.gp_weight = 10.0        # lambda of the gradient penalty (Eq. 15).
   c.tmirn.ssim_filter_size = 7    # SSIM window of L_i (Gaussian sigma 1.5; 11 at 224).
+  c.tmirn.l2_loss = 'norm'         # ||.||_2 of L_i, L_f (Eq. 17-18): 'norm' = per-sample Euclidean norm
+                                  # (its image gradient has the scale of D's, unit-norm under the GP);
+                                  # 'mse' = mean squared error (then L_adv outweighs L_i ~40x).
   c.tmirn.feature_loss_stop_gradient = True  # L_f trains the decoder towards fixed encoder features.
   # Anomaly score (Eq. 12-14).
   c.tmirn.scale_weights = (0.5, 0.3, 0.2)  # lambda_x for (large, medium, small), summing to 1.
@@ -71,6 +76,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.tmirn.base_width = 32
     c.tmirn.disc_base_width = 32
     c.tmirn.vit_depth = 2
+    c.tmirn.disc_vit_depth = 2
     c.tmirn.pool_tokens = 7       # K, V pooled to 7x7 (PVTv2-li).
     c.tmirn.latent_dim = 256      # Not given in the paper.
     c.tmirn.ssim_filter_size = 11

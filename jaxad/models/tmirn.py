@@ -22,9 +22,12 @@ size scales with S (a multiple of 32) and every width with `base_width` (the pap
 * Discriminator (Sec. III-E): its own MTFE + MAFF, global mean pool of z_high, a linear head.
 * Losses (Sec. III-G): L_D = 1/2 (MSE(D(I_in), 0.9) + MSE(D(I_out), 0.1)) + lambda GP (Eq. 15-16,
   squared errors as in LSGAN; GP on per-sample interpolates, all three scales share epsilon);
-  L_G = 0.6 L_i + 0.3 L_f + 0.1 L_adv (Eq. 17-20) with L_i = sum_x (1 - SSIM) + MSE, L_f the MSE of
-  the encoder's (large-scale MTFE) and the decoder's features at 56, 28, 14 (the encoder side is a
-  fixed target by default: `feature_loss_stop_gradient`), L_adv = MSE(D(I_out), 1).
+  L_G = 0.6 L_i + 0.3 L_f + 0.1 L_adv (Eq. 17-20) with L_i = sum_x (1 - SSIM) + ||I_in - I_out||_2,
+  L_f = ||F_e - F_d||_2 of the encoder's (large-scale MTFE) and the decoder's features at 56, 28, 14
+  (the encoder side is a fixed target by default: `feature_loss_stop_gradient`), L_adv =
+  MSE(D(I_out), 1). ||.||_2 is each sample's Euclidean norm (`l2_loss='norm'`, as written): a mean
+  squared error instead (`'mse'`) has image gradients ~40x smaller than L_adv's under the GP, and the
+  generator then learns the adversarial term and barely reconstructs.
 * Score (Sec. III-F, Eq. 12-14): S_i = sum_x lambda_x ||I_in,x - I_out,x||_2 (channel norm, each
   upsampled to S); S_f = Up(Smooth(||F_e - F_d||_2)) with F resized to 56x56 and concatenated,
   Smooth = mean of stride-1 mean pools with three kernel sizes; S = S_i * S_f. Image score: max of S.
@@ -372,6 +375,12 @@ def gradient_penalty(critic, real, fake, eps: jax.Array) -> jax.Array:
   return jnp.mean(jnp.square(jnp.sqrt(sq + 1e-12) - 1.0))
 
 
+def l2_norm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """||a - b||_2 of Eq. 17-18: the Euclidean norm over each sample's elements, averaged over the batch."""
+  sq = jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
+  return jnp.mean(jnp.sqrt(sq + 1e-12))
+
+
 def mean_smooth(maps: jax.Array, kernels: tuple[int, ...]) -> jax.Array:
   """Fig. 9: mean of stride-1 'SAME' mean poolings of [B, H, W] maps with each kernel size."""
   x = maps[..., None]
@@ -419,11 +428,12 @@ def anomaly_map(images, recons, enc_f, dec_f, cfg: ml_collections.ConfigDict) ->
 def _nets(config: ml_collections.ConfigDict):
   cfg = config.tmirn
   dtype = models.compute_dtype(config.dtype)
-  common = dict(vit_depth=cfg.vit_depth, head_dim=cfg.head_dim, pool_tokens=cfg.pool_tokens,
-                mlp_ratio=cfg.mlp_ratio, dtype=dtype, use_maff=cfg.use_maff)
-  gen = Generator(base_width=cfg.base_width, channels=config.dataset.channels,
-                  num_skips=cfg.num_skips, latent_dim=cfg.latent_dim, **common)
-  disc = Discriminator(base_width=cfg.disc_base_width, **common)
+  common = dict(head_dim=cfg.head_dim, pool_tokens=cfg.pool_tokens, mlp_ratio=cfg.mlp_ratio,
+                dtype=dtype, use_maff=cfg.use_maff)
+  gen = Generator(base_width=cfg.base_width, vit_depth=cfg.vit_depth,
+                  channels=config.dataset.channels, num_skips=cfg.num_skips,
+                  latent_dim=cfg.latent_dim, **common)
+  disc = Discriminator(base_width=cfg.disc_base_width, vit_depth=cfg.disc_vit_depth, **common)
   return gen, disc
 
 
@@ -448,6 +458,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   w_i, w_f, w_adv = (float(w) for w in cfg.loss_weights)
   real_label, fake_label = (float(v) for v in cfg.soft_labels)
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size)
+  distance = {'norm': l2_norm, 'mse': losses.mse}[cfg.l2_loss]
 
   def init(rng, batch, frozen):
     del frozen
@@ -501,16 +512,16 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     # its running statistics left as the D step set them.
     def g_loss_fn(recon, enc_f, dec_f):
       l_ssim = sum(losses.ssim_loss(a, b, **ssim_kwargs) for a, b in zip(real, recon))
-      l_mse = sum(losses.mse(a, b) for a, b in zip(real, recon))
-      l_i = l_ssim + l_mse                                                        # Eq. 17
+      l_l2 = sum(distance(a, b) for a, b in zip(real, recon))
+      l_i = l_ssim + l_l2                                                         # Eq. 17
       if cfg.feature_loss_stop_gradient:
         enc_f = jax.lax.stop_gradient(enc_f)
-      l_f = sum(losses.mse(e, d) for e, d in zip(enc_f, dec_f))                   # Eq. 18
+      l_f = sum(distance(e, d) for e, d in zip(enc_f, dec_f))                     # Eq. 18
       scores, _ = disc.apply({'params': d_state.params, 'batch_stats': d_state.batch_stats}, recon,
                              train=True, mutable=['batch_stats'])
       l_adv = jnp.mean(jnp.square(scores - 1.0))                                  # Eq. 19
       loss = w_i * l_i + w_f * l_f + w_adv * l_adv                                # Eq. 20
-      return loss, {'l_i': l_i, 'ssim_loss': l_ssim, 'mse': l_mse, 'l_f': l_f, 'l_adv': l_adv}
+      return loss, {'l_i': l_i, 'ssim_loss': l_ssim, 'l2': l_l2, 'l_f': l_f, 'l_adv': l_adv}
 
     (g_loss, g_parts), cotangents = jax.value_and_grad(g_loss_fn, argnums=(0, 1, 2), has_aux=True)(
         recon, enc_f, dec_f)
