@@ -15,6 +15,7 @@ def _config(root, name, tfds_dir, **overrides):
   from configs import mean_image
   c = tiny_folder_config(mean_image.get_config(), root)
   c.dataset.name = name
+  c.dataset.unified = True  # One run over both categories: heatmaps/<category>/ in one workdir.
   c.dataset.tfds_dir = str(tfds_dir)
   c.dataset.image_size = 32
   c.batch_size = 4
