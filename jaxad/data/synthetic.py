@@ -20,7 +20,7 @@ Defect masks are exact: a mask pixel is set iff the stored defective image
 differs from the same image rendered without the defect
 (``render(..., clean=True)``).
 
-Version 2 enlarged the defects: version 1's were ten times smaller than real
+Version 2 enlarged the defects: version 1's were fourteen times smaller than real
 MVTec AD bottle defects (median mask area 0.4 % against 5.7 %), below one
 feature cell of a stride-8 CNN at 128x128, so no image-level detector could
 separate them from normal variation (a nearest-neighbour patch memory on
