@@ -21,10 +21,9 @@ differs from the same image rendered without the defect
 (``render(..., clean=True)``).
 
 Version 2 enlarged the defects: version 1's were fourteen times smaller than real
-MVTec AD bottle defects (median mask area 0.4 % against 5.7 %), below one
-feature cell of a stride-8 CNN at 128x128, so no image-level detector could
-separate them from normal variation (a nearest-neighbour patch memory on
-ImageNet features reached 0.77 image AUROC, marble 0.52). Version 2 has a
+MVTec AD bottle defects (median mask area 0.4 % against 5.7 %), mostly within
+one feature cell of a stride-8 CNN at 128x128: even a nearest-neighbour patch
+memory on ImageNet features reached only 0.77 image AUROC (marble 0.52). Version 2 has a
 median defect area of 1.0 % (0.26-6 %) and keeps marble's hard cases.
 """
 
