@@ -270,14 +270,14 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tiny_dataset, tm
 
 
 def short_run_metrics(root: str, workdir, seed: int = 0) -> dict:
-  """The default config on the embedded ring_seal (infrared) category: 64x64, 60 images, 6 epochs."""
+  """The default config on the embedded ring_seal (infrared) category: 64x64, 60 images, 30 epochs."""
   config = tmirn_config.get_config()
   config.dataset.name = 'folder'
   config.dataset.root = root
   config.seed = seed
   config.batch_size = 8
   config.eval_batch_size = 16
-  config.num_epochs = 6
+  config.num_epochs = 30
   config.log_every = 1000
   config.num_heatmaps = 0
   model, state, frozen = _train(config, workdir, 'ring_seal')
@@ -287,11 +287,12 @@ def short_run_metrics(root: str, workdir, seed: int = 0) -> dict:
   return metrics.compute_all(scored['scores'], scored['labels'], scored['maps'], scored['masks'])
 
 
-@pytest.mark.slow  # ~5 min on the 2-core CPU.
-@pytest.mark.xfail(strict=True, reason='TMIRN does not learn yet in 45 steps: measured image / pixel '
-                   'AUROC 0.571 / 0.270 on ring_seal (issue #4); the bounds are the target, not a fit.')
+@pytest.mark.slow  # ~5 min on the 2-core CPU (225 steps).
 def test_short_run_beats_chance_on_embedded_ring_seal(embedded_dataset, tmp_path):
+  """Measured (embedded v2, seed 0): image / pixel AUROC 0.831 / 0.934. With MSE for ||.||_2 (and 6
+  epochs) it was 0.571 / 0.270; with the norm and 6 epochs 0.644 / 0.350: the map only beats chance
+  once the reconstruction has learned the dark background."""
   result = short_run_metrics(embedded_dataset, tmp_path)
-  print('ring_seal after 45 steps:', {k: round(float(v), 3) for k, v in result.items()})
+  print('ring_seal after 30 epochs:', {k: round(float(v), 3) for k, v in result.items()})
   assert result['pixel_auroc'] > 0.7
   assert result['image_auroc'] > 0.7
