@@ -35,6 +35,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.mvg.latent_dim = 32           # Width of the latent tokens z (bottleneck; L_enc compares z, z_hat).
   c.mvg.long_skips = True         # U-ViT long skips (encoder block i -> decoder block depth-1-i).
   c.mvg.out_conv = True           # 3x3 convolution after the decoder.
+  c.mvg.small_head = True         # Grey start: small patch-head init, +0.5, residual zero-init conv.
   # Discriminator: ViT with token merging, sigmoid output; `middle` features for L_adv.
   c.mvg.disc_patch_size = 8
   c.mvg.disc_width = 64

@@ -52,6 +52,20 @@ def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
   return np.stack(out)
 
 
+def patchify(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], row-major patches (the order of the Conv patch embedding)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, gh: int, gw: int, p: int, c: int) -> jax.Array:
+  """Inverse of `patchify`: [B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C]."""
+  b = x.shape[0]
+  x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, c)
+
+
 def _patch_embed(x, patch_size, width, dtype, name):
   b, h, w, _ = x.shape
   gh, gw = h // patch_size, w // patch_size
@@ -96,11 +110,16 @@ class UViTGenerator(nn.Module):
   mlp_ratio: float = 4.0
   long_skips: bool = True
   out_conv: bool = True
+  small_head: bool = True
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
   def __call__(self, image: jax.Array):
+    """small_head: the patch head starts near zero (std 0.02, as timm's ViT Linear layers), its
+    output is read around mid-grey (+0.5) and the 3x3 conv is a zero-initialised residual, so the
+    first reconstruction is grey instead of N(0, 1) noise, which AdamW at 1e-4..5e-4 per step needs
+    hundreds of steps to undo. False: Flax default inits, plain conv (the collapsing version)."""
     b, h, w, _ = image.shape
     p = self.patch_size
     gh, gw = h // p, w // p
@@ -116,11 +135,16 @@ class UViTGenerator(nn.Module):
       x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
                        name=f'decoder_block_{j}')(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(x)
-    x = nn.Dense(p * p * self.channels, dtype=self.dtype, name='decoder_pred')(x)
-    x = x.reshape(b, gh, gw, p, p, self.channels).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, h, w, self.channels)
+    head_init = nn.initializers.normal(0.02) if self.small_head else nn.initializers.lecun_normal()
+    x = nn.Dense(p * p * self.channels, kernel_init=head_init, dtype=self.dtype,
+                 name='decoder_pred')(x)
+    x = unpatchify(x, gh, gw, p, self.channels) + (0.5 if self.small_head else 0.0)
     if self.out_conv:  # 3x3 conv against ViT patch artifacts (Sec. 2.1.2).
-      x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='out_conv')(x)
+      if self.small_head:
+        x = x + nn.Conv(self.channels, (3, 3), padding='SAME', kernel_init=nn.initializers.zeros,
+                        dtype=self.dtype, name='out_conv')(x)
+      else:
+        x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='out_conv')(x)
     return x.astype(jnp.float32), z
 
 
@@ -191,7 +215,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   masks = jnp.asarray(complementary_masks(size, tuple(cfg.mask_cells)))  # [S, 2, H, W]
   num_scales = masks.shape[0]
   gen = UViTGenerator(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim, channels,
-                      cfg.mlp_ratio, cfg.long_skips, cfg.out_conv, dtype,
+                      cfg.mlp_ratio, cfg.long_skips, cfg.out_conv, cfg.small_head, dtype,
                       attention_implementation=config.attention_implementation)
   enc = ViTEncoder(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim,
                    cfg.mlp_ratio, dtype, attention_implementation=config.attention_implementation)
