@@ -4,7 +4,8 @@
     python benchmarks/dataset_difficulty.py --root ../shared/data/realad/mvtec_ad --image_size 256
 
 The reference is a nearest-neighbour patch memory (PatchCore without coreset subsampling) on SIVT's
-default features: EfficientNet-Lite0 stages 0-3, resized to image_size / 8 and concatenated. The
+default features (`configs/sivt.py`'s own `precompute`: EfficientNet-Lite0 stages 0-3, resized to
+image_size / 8 and concatenated). The
 anomaly map is each test patch's L2 distance to its nearest training patch of the same category, the
 image score the maximum of the sigma-1 smoothed map. It needs no training, so it separates "the
 defects are not visible in ImageNet features" from "the model did not learn". The embedded dataset
@@ -22,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from configs import sivt as sivt_config  # noqa: E402
 from jaxad import metrics, models  # noqa: E402
 from jaxad.data import folder, synthetic  # noqa: E402
 
@@ -37,14 +38,11 @@ def main():
   args = parser.parse_args()
   root = args.root or synthetic.ensure()
   size, feature_size = args.image_size, args.image_size // 8
-  backbone = models.load_backbone(ml_collections.ConfigDict(
-      {'arch': 'tf_efficientnet_lite0', 'weights': 'imagenet', 'features': (0, 1, 2, 3)}))
-
-  @jax.jit
-  def features(images):
-    maps = backbone.apply_fn(backbone.params, images)
-    return jnp.concatenate([jax.image.resize(m, (images.shape[0], feature_size, feature_size,
-                                                 m.shape[-1]), 'linear') for m in maps], -1)
+  config = sivt_config.get_config()
+  config.dataset.image_size = size
+  config.sivt.feature_size = feature_size
+  sivt = models.build(config, total_steps=1)
+  features = jax.jit(lambda images: sivt.precompute({'image': images}, sivt.frozen)['features'])
 
   def patches(samples):
     images = np.stack([folder.load_image(s.image_path, size) for s in samples])
