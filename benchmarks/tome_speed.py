@@ -11,16 +11,20 @@ Prints one JSON object: per r the step times and the discriminator's token count
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import optax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs import mask_vitgan as mvg_config
-from jaxad import models
-from jaxad.models import mask_vitgan, tome
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from configs import mask_vitgan as mvg_config  # noqa: E402
+from jaxad import models  # noqa: E402
+from jaxad.models import mask_vitgan, tome  # noqa: E402
 
 
 def main():
