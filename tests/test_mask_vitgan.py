@@ -10,7 +10,7 @@ from conftest import REALAD, override, tiny_folder_config
 from configs import mask_vitgan as mvg_config
 from jaxad import models, parallel, train
 from jaxad.data import folder, pipeline
-from jaxad.models import mask_vitgan as mvg
+from jaxad.models import layers, mask_vitgan as mvg
 
 
 def tiny_config(root, arg=None, **overrides):
@@ -78,8 +78,8 @@ def test_score_merges_each_pair_over_its_masked_areas():
 
 def test_unpatchify_inverts_patchify_in_the_patch_embedding_order():
   x = jax.random.uniform(jax.random.key(0), (2, 32, 48, 3))
-  tokens = mvg.patchify(x, 8)
-  np.testing.assert_array_equal(mvg.unpatchify(tokens, 4, 6, 8, 3), x)
+  tokens = layers.patchify(x, 8)
+  np.testing.assert_array_equal(layers.unpatchify(tokens, 4, 6, 8, 3), x)
   # Token t holds the pixels a stride-p convolution (the patch embedding) sees at grid cell t,
   # flattened as (row, col, channel): check with a one-hot kernel.
   kernel = jnp.eye(8 * 8 * 3).reshape(8, 8, 3, 8 * 8 * 3)

@@ -72,6 +72,20 @@ class Block(nn.Module):
     return x + Mlp(hidden, self.dtype)(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
 
 
+def patchify(x: jax.Array, p: int) -> jax.Array:
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], row-major patches (the order of a stride-p Conv patch embedding)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: jax.Array, gh: int, gw: int, p: int, c: int) -> jax.Array:
+  """Inverse of `patchify`: [B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C]."""
+  b = x.shape[0]
+  x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * p, gw * p, c)
+
+
 def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
   """The 1-D kernel scipy.ndimage.gaussian_filter uses (radius = int(truncate * sigma + 0.5))."""
   radius = int(truncate * sigma + 0.5)

@@ -52,20 +52,6 @@ def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
   return np.stack(out)
 
 
-def patchify(x: jax.Array, p: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], row-major patches (the order of the Conv patch embedding)."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // p) * (w // p), p * p * c)
-
-
-def unpatchify(x: jax.Array, gh: int, gw: int, p: int, c: int) -> jax.Array:
-  """Inverse of `patchify`: [B, gh*gw, p*p*C] -> [B, gh*p, gw*p, C]."""
-  b = x.shape[0]
-  x = x.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, gh * p, gw * p, c)
-
-
 def _patch_embed(x, patch_size, width, dtype, name):
   b, h, w, _ = x.shape
   gh, gw = h // patch_size, w // patch_size
@@ -138,7 +124,7 @@ class UViTGenerator(nn.Module):
     head_init = nn.initializers.normal(0.02) if self.small_head else nn.initializers.lecun_normal()
     x = nn.Dense(p * p * self.channels, kernel_init=head_init, dtype=self.dtype,
                  name='decoder_pred')(x)
-    x = unpatchify(x, gh, gw, p, self.channels) + (0.5 if self.small_head else 0.0)
+    x = layers.unpatchify(x, gh, gw, p, self.channels) + (0.5 if self.small_head else 0.0)
     if self.out_conv:  # 3x3 conv against ViT patch artifacts (Sec. 2.1.2).
       if self.small_head:
         x = x + nn.Conv(self.channels, (3, 3), padding='SAME', kernel_init=nn.initializers.zeros,

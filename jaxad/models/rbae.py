@@ -64,20 +64,13 @@ class Encoder(nn.Module):
 def rbfrm(features: jax.Array, reference: jax.Array, k: int, scale: float = 1.0) -> jax.Array:
   """RBFRM (Eq. 3-5): every K x K patch p_i of `features` [B, H, W, C] becomes sum_j softmax_j(scale *
   cos(p_i, b_j)) b_j over the K x K patches b_j of `reference` [1, H', W', C] (Eq. 4: scale 1)."""
-  b, h, w, c = features.shape
-  _, rh, rw, _ = reference.shape
-
-  def patches(x, n, hh, ww):
-    x = x.reshape(n, hh // k, k, ww // k, k, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, (hh // k) * (ww // k), k * k * c)
-
-  p = patches(features, b, h, w)
-  ref = patches(reference, 1, rh, rw)[0]
+  _, h, w, c = features.shape
+  p = layers.patchify(features, k)
+  ref = layers.patchify(reference, k)[0]
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
   sim = jnp.einsum('bnd,md->bnm', unit(p), unit(ref))                  # Eq. 3
   repaired = jax.nn.softmax(scale * sim, axis=-1) @ ref                # Eq. 4, 5
-  repaired = repaired.reshape(b, h // k, w // k, k, k, c).transpose(0, 1, 3, 2, 4, 5)
-  return repaired.reshape(b, h, w, c)
+  return layers.unpatchify(repaired, h // k, w // k, k, c)
 
 
 class FFM(nn.Module):

@@ -62,7 +62,7 @@ class SelfInductionViT(nn.Module):
                        name=f'decoder_{i}')(y)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(y)
     y = nn.Dense(p * p * c, dtype=self.dtype, name='decoder_pred')(y)
-    y = y.reshape(b, gh, gw, p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    y = layers.unpatchify(y, gh, gw, p, c)
     return y.astype(jnp.float32)
 
 
