@@ -100,10 +100,10 @@ def test_matches_direct_implementation():
 def test_proportional_attention_equals_attention_over_duplicated_tokens():
   """A token of size 2 draws as much attention as two identical copies of it (log(size) bias)."""
   x = _tokens(b=1, n=6, c=16, seed=9)
-  attn = tome.ToMeAttention(2)
-  params = attn.init(jax.random.key(10), x, jnp.ones((1, 6)))
+  attn = layers.Attention(2)
+  params = attn.init(jax.random.key(10), x)
   size = jnp.array([[2.0, 1, 1, 1, 1, 1]])
-  got, _ = attn.apply(params, x, size)
+  got = attn.apply(params, x, size)
   dup = jnp.concatenate([x[:, :1], x], axis=1)
   want = layers.Attention(2).apply(params, dup)[:, 1:]
   np.testing.assert_allclose(got, want, atol=1e-5)
@@ -111,8 +111,8 @@ def test_proportional_attention_equals_attention_over_duplicated_tokens():
 
 def test_metric_is_the_head_averaged_keys():
   x = _tokens(b=1, n=4, c=16, seed=11)
-  attn = tome.ToMeAttention(4)
+  attn = layers.Attention(4)
   params = attn.init(jax.random.key(12), x)
-  _, metric = attn.apply(params, x)
+  _, metric = attn.apply(params, x, return_keys=True)
   k = jnp.einsum('bnc,chd->bnhd', x, params['params']['key']['kernel']) + params['params']['key']['bias']
   np.testing.assert_allclose(metric, k.mean(axis=2), atol=1e-5)

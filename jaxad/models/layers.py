@@ -45,7 +45,9 @@ class Attention(nn.Module):
   implementation: str | None = None
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, key_size=None, return_keys=False):
+    """key_size [B, N] (ToMe's proportional attention): log(size) is added to every query's logit
+    for each key. return_keys: also return the keys averaged over heads, [B, N, head_dim]."""
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
@@ -53,8 +55,10 @@ class Attention(nn.Module):
     dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
                               kernel_init=nn.initializers.xavier_uniform())
     q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ('query', 'key', 'value'))
-    y = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-    return dense(width, axis=(-2, -1), name='out')(y)
+    bias = None if key_size is None else jnp.log(key_size).astype(q.dtype)[:, None, None, :]
+    y = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
+    y = dense(width, axis=(-2, -1), name='out')(y)
+    return (y, jnp.mean(k, axis=2)) if return_keys else y
 
 
 class Block(nn.Module):

@@ -12,7 +12,6 @@ Shapes stay static: r is a Python int fixed per block, so a block maps N tokens 
 (r is clamped to N // 2, as in ToMe). With r = 0 a block is exactly `layers.Block`.
 """
 
-import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -76,31 +75,6 @@ def merge_wavg(merge: Callable[..., jax.Array], x: jax.Array, size: jax.Array
   return summed / size[..., None].astype(x.dtype), size
 
 
-class ToMeAttention(nn.Module):
-  """`layers.Attention` (same parameters) with proportional attention; also returns the metric.
-
-  size [B, N] or None: log(size) is added to every query's logit for each key. The metric is the
-  keys averaged over heads, [B, N, head_dim].
-  """
-  num_heads: int
-  dtype: jnp.dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, size: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    width = x.shape[-1]
-    if width % self.num_heads:
-      raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
-    head_dim = width // self.num_heads
-    dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
-                              kernel_init=nn.initializers.xavier_uniform())
-    q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ('query', 'key', 'value'))
-    bias = None
-    if size is not None:
-      bias = jnp.log(size).astype(q.dtype)[:, None, None, :]  # [B, 1, 1, N] over keys
-    y = jax.nn.dot_product_attention(q, k, v, bias=bias)
-    return dense(width, axis=(-2, -1), name='out')(y), jnp.mean(k, axis=2)
-
-
 class ToMeBlock(nn.Module):
   """Pre-norm Transformer block with ToMe between attention and MLP (as ToMe's timm patch).
 
@@ -115,7 +89,8 @@ class ToMeBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
-    attn, metric = ToMeAttention(self.num_heads, self.dtype, name='Attention_0')(h, size)
+    attn, metric = layers.Attention(self.num_heads, self.dtype, name='Attention_0')(
+        h, key_size=size, return_keys=True)
     x = x + attn
     if self.r > 0:
       merge = bipartite_soft_matching(metric, self.r)
