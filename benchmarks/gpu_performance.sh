@@ -20,7 +20,7 @@ steps="${STEPS:-20}"
 python -c "import grain, dm_pix, clu, ml_collections" 2>/dev/null || pip install -q --no-deps .whl/*.whl
 
 emit() { tee -a "$out"; }
-tp() { python benchmarks/throughput.py --steps "$steps" --repeats 5 --config.dtype=auto "$@" | emit; }
+tp() { python benchmarks/throughput.py --steps "$steps" --repeats 5 "$@" --config.dtype=auto | emit; }
 
 # Backbone weights do not change the speed; 'random' needs no ported file on the GPU machine.
 paper_sivt=(--config configs/sivt.py:paper --config.backbone.weights=random)
