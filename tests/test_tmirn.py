@@ -13,6 +13,8 @@ from jaxad import metrics, parallel, train
 from jaxad.data import pipeline
 from jaxad.models import tmirn
 
+from conftest import override
+
 
 def _tiny_config(**overrides):
   """The default config at 64x64 with base width 4: same structure, small maps.
@@ -30,13 +32,7 @@ def _tiny_config(**overrides):
   c.tmirn.pool_tokens = 2
   c.tmirn.latent_dim = 8
   c.tmirn.ssim_filter_size = 3
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return override(c, **overrides)
 
 
 # --------------------------------------------------------------------------- shapes (Table I)

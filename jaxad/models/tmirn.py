@@ -40,7 +40,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax.training import train_state
 
 from jaxad import losses, models, optim
