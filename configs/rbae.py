@@ -71,6 +71,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.rbae.w_seg2 = 1.0
   c.rbae.reference = 'medoid'      # 'medoid' (training image nearest the mean image) or 'index'.
   c.rbae.reference_index = 0       # Training image used when reference='index'.
+  c.rbae.score = 'msfdm'           # Map: 'msfdm' (Eq. 11) or 'residual' (channel mean |I - I_rec|, not in the paper).
   c.rbae.smoothing_sigma = 2.0     # Gaussian sigma (pixels) of the final map; image score = its max.
   # The offline VGG16 is the Caffe/Keras one (inputs 0-255 minus the mean); the paper's torchvision VGG16
   # takes inputs / std (std ~ 0.226 * 255 = 57.6), so its maps are ~57.6x smaller. Dividing by this keeps

@@ -19,7 +19,9 @@ Fusion", Sensors 2023.
 * Training (Sec. 2.4.1): per image a random scale (from the step rng); both complementary masked
   copies are reconstructed. D is updated first (BCE: real -> 1, both reconstructions -> 0), then G
   with D's new weights: L = a1 L_adv + a2 L_enc + a3 L_con (Eq. 1-5), L_adv = ||f(x) - f(x_hat)||^2,
-  L_enc = ||z - z_hat||^2, L_con = L1 + (1 - SSIM) + L1 of image gradients.
+  L_enc = ||z - z_hat||^2, L_con = L1 + (1 - SSIM) + L1 of image gradients. Not in the paper:
+  `mvg.l1_only_steps` first steps use L1 alone in L_con (started with SSIM and gradient terms, the
+  small default generator stalls at one input-independent output on the embedded data).
 * Test (Sec. 2.4.2, Eq. 6-9): all six masked copies are reconstructed; each complementary pair is
   merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| (channel mean);
   the final map is E_f with f = argmax_i (mean(E_i) - mu) where mu is the mean over the three
@@ -167,12 +169,13 @@ def gradient_l1(a: jax.Array, b: jax.Array) -> jax.Array:
   return 0.5 * (jnp.mean(jnp.abs(dy(a) - dy(b))) + jnp.mean(jnp.abs(dx(a) - dx(b))))
 
 
-def consistency_loss(target: jax.Array, recon: jax.Array) -> tuple[jax.Array, dict]:
-  """L_con = L1 + (1 - SSIM) + gradient L1 (Eq. 1-4)."""
+def consistency_loss(target: jax.Array, recon: jax.Array,
+                     structure_weight: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
+  """L_con = L1 + w (1 - SSIM + gradient L1) (Eq. 1-4 with w = 1; w = 0 during `mvg.l1_only_steps`)."""
   l1 = jnp.mean(jnp.abs(recon - target))
   ssim = losses.ssim_loss(recon, target)
   grad = gradient_l1(target, recon)
-  return l1 + ssim + grad, {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
+  return l1 + structure_weight * (ssim + grad), {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
 
 
 def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
@@ -255,7 +258,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       real_f = jax.lax.stop_gradient(jnp.repeat(feats[:b], 2, axis=0))
       adv = jnp.mean(jnp.square(real_f - feats[b:]))
       enc_loss = jnp.mean(jnp.square(z - z_hat))
-      con, parts = consistency_loss(target, recon)
+      structure_weight = (g_state.step >= cfg.l1_only_steps).astype(jnp.float32)
+      con, parts = consistency_loss(target, recon, structure_weight)
       total = a_adv * adv + a_enc * enc_loss + a_con * con
       return total, {'adv': adv, 'enc': enc_loss, 'con': con, **parts}
 

@@ -16,8 +16,9 @@ Training (Eq. 14, 17), one phase after the other as `config.phases` schedules th
   'reconstruct': encoder + decoder, 100 L_rec + 1 L_per + 1 L_pixel_dis (decoder sees raw features of I_o);
   'repair': encoder frozen; RBAM + decoder + MSFDM, 100 L_rec + 1 L_per + 1 L_fea_rep + 1 L_seg.
 The reference image is chosen from the training set (`rbae.reference`) and kept in the state, so it is
-saved with every checkpoint. Test = phase 2's forward pass; the image score is the max of the smoothed
-AM (the paper does not say).
+saved with every checkpoint. Test = phase 2's forward pass; the map is Eq. 11's AM (`rbae.score='msfdm'`)
+or the reconstruction residual |I - I_rec| (`'residual'`, not in the paper), Gaussian-smoothed; the image
+score is its max (the paper does not say).
 Ablation: rbae.use_rbam=False replaces every RBAM with the identity (Table V, column B).
 """
 
@@ -225,6 +226,8 @@ def network(config: ml_collections.ConfigDict) -> RBAE:
 def _check(config):
   cfg = config.rbae
   names = tuple(n for n, _ in config.phases)
+  if cfg.score not in ('msfdm', 'residual'):
+    raise ValueError(f"Unknown rbae.score {cfg.score!r}; expected 'msfdm' or 'residual'.")
   if names != PHASES:
     raise ValueError(f'rbae needs config.phases named {PHASES} in this order, got {names}')
   if len(cfg.channels) != 5 or len(cfg.strides) != 5:
@@ -324,8 +327,11 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
 
   def score(state, batch, frozen):
     del frozen
-    _, logits, _, _ = net.apply({'params': state['params']}, batch['image'], state['reference'])
-    maps = layers.gaussian_blur(anomaly_map(logits, size, cfg.map_weights), cfg.smoothing_sigma)
+    image = batch['image']
+    recon, logits, _, _ = net.apply({'params': state['params']}, image, state['reference'])
+    raw = (anomaly_map(logits, size, cfg.map_weights) if cfg.score == 'msfdm' else
+           jnp.mean(jnp.abs(image - recon), axis=-1))
+    maps = layers.gaussian_blur(raw, cfg.smoothing_sigma)
     return maps, jnp.max(maps, axis=(1, 2))
 
   def prepare(source):
