@@ -46,7 +46,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # Masks and losses.
   c.mvg.mask_cells = (2, 4, 8)    # Checkerboard blocks per side at the three scales (even numbers).
   c.mvg.alpha = (1.0, 1.0, 20.0)  # (adversarial, encoder, consistency) weights of Eq. 5.
-  c.mvg.l1_only_steps = 100       # First steps with L_con = L1 (no SSIM/gradient term; not in the paper).
+  # Not in the paper: L_con's SSIM and gradient terms get weight 0 before generator step `start`, rising
+  # linearly to 1 at `end`; (0, 0) is Eq. 1 from the first step. (100, 150) keeps the generator
+  # input-dependent on embedded connector, but scored lower there (README, Mask-ViT-GAN point 3).
+  c.mvg.structure_warmup = (0, 0)
   # Test-time scoring (Eq. 6-9).
   c.mvg.error = 'l1'              # E_i per pixel: 'l1' |O_i - I| or 'l2' (O_i - I)^2, channel mean.
   c.mvg.select = 'eq8'            # 'eq8' argmax(avg(E_i) - mu), 'distance' argmax |.|, 'mean' of E_i.
@@ -78,7 +81,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.mvg.tome_r = 2
     c.mvg.mask_cells = (4, 8, 16)  # 64, 32 and 16 pixel blocks at 256x256.
     c.mvg.alpha = (1.0, 1.0, 20.0)
-    c.mvg.l1_only_steps = 0       # The paper's L_con from the first step.
     c.mvg.smoothing_sigma = 4.0
   elif arg:
     raise ValueError(f'Unknown mask_vitgan variant {arg!r}; expected "" or "paper".')

@@ -120,7 +120,8 @@ def test_generator_fits_real_images_quickly():
 def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
   c = tiny_config('', **{'mvg.depth': 2, 'mvg.width': 32, 'mvg.latent_dim': 16,
                         'mvg.disc_depth': 2, 'mvg.disc_width': 32, 'mvg.disc_feature_dim': 16,
-                        'optimizer.warmup_steps': 0})  # (Warm-up starts at learning rate 0.)
+                        'optimizer.warmup_steps': 0,  # (Warm-up starts at learning rate 0.)
+                        'mvg.structure_warmup': (100, 150)})
   model = models.build(c, 10)
   x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3))
   batch = {'image': x}
@@ -138,9 +139,20 @@ def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
             'd_fake', 'g_grad_norm', 'd_grad_norm', 'g_param_norm', 'd_param_norm'):
     assert np.isfinite(metrics[k]), k
   # The step is a pure function of (state, batch, rng): repeating it gives the same state.
-  again, _ = jax.jit(model.train_step)(state, batch, jax.random.key(2), {})
+  step = jax.jit(model.train_step)
+  again, _ = step(state, batch, jax.random.key(2), {})
   for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
+  # mvg.structure_warmup: L_con is L1 alone at first, the SSIM and gradient terms ramp in to Eq. 1.
+  start, end = c.mvg.structure_warmup
+  assert 0 < start < end
+  np.testing.assert_allclose(metrics['con'], metrics['l1'], rtol=1e-6)
+  for g_step, weight in ((end - 1, 1.0), (start + (end - start) // 2 - 1, 0.5)):
+    later = {**state, 'g': state['g'].replace(step=state['g'].step + g_step)}
+    _, m = step(later, batch, jax.random.key(2), {})
+    np.testing.assert_allclose(m['con'], m['l1'] + weight * (m['ssim_loss'] + m['gradient_l1']),
+                               rtol=1e-6)
+  assert m['ssim_loss'] > 0.1 and m['con'] > metrics['con'] + 0.1
 
 
 def _smoke(config, workdir):

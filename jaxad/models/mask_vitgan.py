@@ -20,8 +20,9 @@ Fusion", Sensors 2023.
   copies are reconstructed. D is updated first (BCE: real -> 1, both reconstructions -> 0), then G
   with D's new weights: L = a1 L_adv + a2 L_enc + a3 L_con (Eq. 1-5), L_adv = ||f(x) - f(x_hat)||^2,
   L_enc = ||z - z_hat||^2, L_con = L1 + (1 - SSIM) + L1 of image gradients. Not in the paper:
-  `mvg.l1_only_steps` first steps use L1 alone in L_con (started with SSIM and gradient terms, the
-  small default generator stalls at one input-independent output on the embedded data).
+  `mvg.structure_warmup = (start, end)`: L_con = L1 + w (SSIM and gradient terms) with w = 0 before
+  generator step `start`, rising linearly to 1 at `end` (started with w = 1, the small default
+  generator can stall at one input-independent output on the embedded data).
 * Test (Sec. 2.4.2, Eq. 6-9): all six masked copies are reconstructed; each complementary pair is
   merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| (channel mean);
   the final map is E_f with f = argmax_i (mean(E_i) - mu) where mu is the mean over the three
@@ -171,7 +172,7 @@ def gradient_l1(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def consistency_loss(target: jax.Array, recon: jax.Array,
                      structure_weight: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
-  """L_con = L1 + w (1 - SSIM + gradient L1) (Eq. 1-4 with w = 1; w = 0 during `mvg.l1_only_steps`)."""
+  """L_con = L1 + w (1 - SSIM + gradient L1) (Eq. 1-4 with w = 1; `mvg.structure_warmup` ramps w)."""
   l1 = jnp.mean(jnp.abs(recon - target))
   ssim = losses.ssim_loss(recon, target)
   grad = gradient_l1(target, recon)
@@ -258,7 +259,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       real_f = jax.lax.stop_gradient(jnp.repeat(feats[:b], 2, axis=0))
       adv = jnp.mean(jnp.square(real_f - feats[b:]))
       enc_loss = jnp.mean(jnp.square(z - z_hat))
-      structure_weight = (g_state.step >= cfg.l1_only_steps).astype(jnp.float32)
+      start, end = cfg.structure_warmup
+      structure_weight = jnp.clip((g_state.step - start + 1) / max(end - start, 1), 0.0, 1.0)
       con, parts = consistency_loss(target, recon, structure_weight)
       total = a_adv * adv + a_enc * enc_loss + a_con * con
       return total, {'adv': adv, 'enc': enc_loss, 'con': con, **parts}
