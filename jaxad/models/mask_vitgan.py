@@ -176,7 +176,8 @@ def consistency_loss(target: jax.Array, recon: jax.Array,
   l1 = jnp.mean(jnp.abs(recon - target))
   ssim = losses.ssim_loss(recon, target)
   grad = gradient_l1(target, recon)
-  return l1 + structure_weight * (ssim + grad), {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
+  con = l1 + structure_weight * ssim + structure_weight * grad  # w = 1: (l1 + ssim) + grad, Eq. 1's order.
+  return con, {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
 
 
 def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
