@@ -209,8 +209,10 @@ def short_run_metrics(embedded_dataset, workdir, seed: int = 0) -> dict:
 @pytest.mark.slow  # ~2.5 min on the 2-core CPU (150 GAN steps).
 def test_short_run_beats_chance_on_embedded_connector(embedded_dataset, tmp_path):
   """Measured (embedded v2) image / pixel AUROC: seed 0 0.727 / 0.869, seed 1 0.724 / 0.869, seed 2 0.720 / 0.869 (the
-  mean-image baseline: 0.527 image). The generator here acts as a learned template: its output hardly
-  depends on the input (README, Mask-ViT-GAN, point 3), which is why the seeds agree so closely."""
+  mean-image baseline: 0.527 image); seed 0 on a later machine 0.724 / 0.869. The generator here acts as
+  a learned template: its output hardly depends on the input (README, Mask-ViT-GAN, point 3), which is
+  why the seeds agree so closely. mvg.structure_warmup=(100, 150) keeps it input-dependent but scored
+  0.633 / 0.866 and 0.607 / 0.870 (seeds 0, 1)."""
   result = short_run_metrics(embedded_dataset, tmp_path)
   print('connector after 50 epochs:', {k: round(float(v), 3) for k, v in result.items()})
   assert result['pixel_auroc'] > 0.75
