@@ -46,6 +46,11 @@ def test_mask_cells_must_be_even_divisors():
     mvg.complementary_masks(64, (6,))
 
 
+def test_structure_warmup_must_be_ordered():
+  with pytest.raises(ValueError, match='structure_warmup'):
+    models.build(tiny_config('', **{'mvg.structure_warmup': (150, 100)}), 10)
+
+
 def test_error_map_selection_rules():
   e = np.zeros((2, 3, 4, 4), np.float32)
   e[0, 0] = 1.0   # Image 0: scale 0 has the largest mean error.

@@ -203,6 +203,9 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   for name, p in (('patch_size', cfg.patch_size), ('disc_patch_size', cfg.disc_patch_size)):
     if size % p:
       raise ValueError(f'mvg.{name} {p} does not divide image_size {size}')
+  start, end = cfg.structure_warmup
+  if not 0 <= start <= end:
+    raise ValueError(f'mvg.structure_warmup {tuple(cfg.structure_warmup)} needs 0 <= start <= end')
   masks = jnp.asarray(complementary_masks(size, tuple(cfg.mask_cells)))  # [S, 2, H, W]
   num_scales = masks.shape[0]
   gen = UViTGenerator(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim, channels,
@@ -260,7 +263,6 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       real_f = jax.lax.stop_gradient(jnp.repeat(feats[:b], 2, axis=0))
       adv = jnp.mean(jnp.square(real_f - feats[b:]))
       enc_loss = jnp.mean(jnp.square(z - z_hat))
-      start, end = cfg.structure_warmup
       structure_weight = jnp.clip((g_state.step - start + 1) / max(end - start, 1), 0.0, 1.0)
       con, parts = consistency_loss(target, recon, structure_weight)
       total = a_adv * adv + a_enc * enc_loss + a_con * con
