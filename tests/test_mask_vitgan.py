@@ -211,7 +211,7 @@ def short_run_metrics(embedded_dataset, workdir, seed: int = 0) -> dict:
   return train.train_and_evaluate(c, str(workdir))['connector']
 
 
-@pytest.mark.slow  # ~2.5 min on the 2-core CPU (150 GAN steps).
+@pytest.mark.slow  # ~2.5 min on the 2-core CPU (187 GAN steps: 60 images x 50 epochs / batch 16).
 def test_short_run_beats_chance_on_embedded_connector(embedded_dataset, tmp_path):
   """Measured (embedded v2) image / pixel AUROC: seed 0 0.727 / 0.869, seed 1 0.724 / 0.869, seed 2 0.720 / 0.869 (the
   mean-image baseline: 0.527 image); seed 0 on a later machine 0.724 / 0.869. The generator here acts as
