@@ -5,8 +5,9 @@
 
 Artificial defects (Eq. 1, the run's own `config.defects` and seed) are put on training images of the
 category. With the latest checkpoint's encoder (phase 2 keeps phase 1's encoder; the run must have
-finished phase 1), F_o = Phi(I_o), F_d = Phi(I_ad) and F_ref = Phi(reference image) are computed. For each RBAM layer it
-prints the RMS (over channels) distance to F_o, averaged inside the defect mask and outside it, of
+finished phase 1), F_o = Phi(I_o), F_d = Phi(I_ad) and F_ref = Phi(reference image) are computed. For
+each RBAM layer it prints the RMS (over channels) distance to F_o, averaged inside the defect mask and
+outside it, of
   F_d                     (no repair: what the decoder gets without RBAM),
   RBFRM(F_d; K, scale)    (Eq. 3-5; Eq. 4 is scale 1) for K in rbae.patch_sizes and each --scales,
 and, when the checkpoint is in phase 2, the mean FFM weights (Eq. 7) of F_d, F_rep2,
@@ -32,7 +33,8 @@ from jaxad import train  # noqa: E402
 from jaxad.data import defects, pipeline  # noqa: E402
 from jaxad.models import rbae  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/rbae.py', 'The run\'s config.', lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/rbae.py', 'The run\'s config.',
+                                          lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s --workdir.', required=True)
 _CATEGORY = flags.DEFINE_string('category', None, 'Category (per-category runs: a subfolder).', required=True)
 _SCALES = flags.DEFINE_list('scales', ['1', '10', '30', '100'], 'Softmax scales of RBFRM to try.')
@@ -72,7 +74,7 @@ def main(argv):
         f'step {latest})')
   for index, layer in enumerate(config.rbae.rbam_layers):
     l = layer - 1
-    mask = np.asarray(rbae._resize_mask(stack('defect_mask'), f_o[l].shape[1:3]) > 0.5)
+    mask = np.asarray(rbae.resize_mask(stack('defect_mask'), f_o[l].shape[1:3]) > 0.5)
     distance = lambda f: np.sqrt(np.mean(np.square(np.asarray(f - f_o[l])), -1))
     print(f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]}, |F_o| '
           f'{np.sqrt(np.mean(np.square(np.asarray(f_o[l])), -1)).mean():.3f}: '
@@ -82,7 +84,8 @@ def main(argv):
           f'scale {s} {inside_outside(distance(rbae.rbfrm(f_d[l], f_ref[l], k, float(s))), mask)}'
           for s in _SCALES.value))
     if show_ffm:
-      repaired = [rbae.rbfrm(f_d[l], f_ref[l], k, config.rbae.similarity_scale) for k in config.rbae.patch_sizes]
+      repaired = [rbae.rbfrm(f_d[l], f_ref[l], k, config.rbae.similarity_scale)
+                  for k in config.rbae.patch_sizes]
       ffm = rbae.FFM(config.rbae.ffm_width, config.rbae.ffm_kernel)
       _, attention = ffm.apply({'params': state['params'][f'rbams_{index}']['ffm']}, f_d[l], *repaired)
       weights = np.asarray(attention.mean(-1))

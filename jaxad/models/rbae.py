@@ -182,7 +182,7 @@ class RBAE(nn.Module):
     return recon, self.segment(feats, self.encode(recon)), repaired, feats
 
 
-def _resize_mask(mask, hw):
+def resize_mask(mask, hw):
   """Area-resized soft mask [B, h, w] of a [B, H, W] mask."""
   return jax.image.resize(mask, (mask.shape[0], *hw), method='linear', antialias=True)
 
@@ -193,7 +193,7 @@ def pixel_discrimination_loss(feats_o, feats_ad, mask) -> jax.Array:
   for fo, fa in zip(feats_o, feats_ad):
     d = jnp.mean(jnp.square(fo - fa), -1)
     lo, hi = d.min((1, 2), keepdims=True), d.max((1, 2), keepdims=True)
-    terms.append(jnp.mean(jnp.square((d - lo) / (hi - lo + 1e-8) - _resize_mask(mask, d.shape[1:3]))))
+    terms.append(jnp.mean(jnp.square((d - lo) / (hi - lo + 1e-8) - resize_mask(mask, d.shape[1:3]))))
   return jnp.mean(jnp.stack(terms))
 
 
@@ -302,7 +302,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     recon, logits, repaired, _ = net.apply({'params': p}, defect, reference)
     parts = {'rec': losses.mse(image, recon), 'per': perceptual(frozen, image, recon),
              'seg': jnp.mean(jnp.stack([                                          # Eq. 10
-                 jnp.mean(optax.sigmoid_focal_loss(a, _resize_mask(mask, a.shape[1:3]),
+                 jnp.mean(optax.sigmoid_focal_loss(a, resize_mask(mask, a.shape[1:3]),
                                                    gamma=cfg.focal_gamma)) for a in logits]))}
     loss = cfg.w_rec2 * parts['rec'] + cfg.w_per2 * parts['per'] + cfg.w_seg2 * parts['seg']
     if cfg.use_rbam:                                                              # Eq. 9 (mean)
