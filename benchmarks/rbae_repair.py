@@ -69,7 +69,13 @@ def main(argv):
   stack = lambda key: jnp.stack([e[key] for e in examples])
   encode = lambda x: net.apply({'params': state['params']}, x, method=rbae.RBAE.encode)
   f_o, f_d, f_ref = encode(stack('image')), encode(stack('defect_image')), encode(state['reference'])
-  show_ffm = latest > phase1_end and config.rbae.use_rbam
+  ffm_attention = None
+  if latest > phase1_end and config.rbae.use_rbam:  # The model's own phase-2 forward, FFM outputs kept.
+    _, captured = net.apply({'params': state['params']}, stack('defect_image'), state['reference'],
+                            capture_intermediates=lambda module, _: isinstance(module, rbae.FFM),
+                            mutable=['intermediates'])
+    ffm_attention = [captured['intermediates'][f'rbams_{i}']['ffm']['__call__'][0][1]
+                     for i in range(len(config.rbae.rbam_layers))]
   print(f'{_CATEGORY.value}: distance to F_o, inside / outside the defects ({len(examples)} images; '
         f'step {latest})')
   for index, layer in enumerate(config.rbae.rbam_layers):
@@ -83,12 +89,8 @@ def main(argv):
       print(f'  RBFRM K={k}: ' + ', '.join(
           f'scale {s} {inside_outside(distance(rbae.rbfrm(f_d[l], f_ref[l], k, float(s))), mask)}'
           for s in _SCALES.value))
-    if show_ffm:
-      repaired = [rbae.rbfrm(f_d[l], f_ref[l], k, config.rbae.similarity_scale)
-                  for k in config.rbae.patch_sizes]
-      ffm = rbae.FFM(config.rbae.ffm_width, config.rbae.ffm_kernel)
-      _, attention = ffm.apply({'params': state['params'][f'rbams_{index}']['ffm']}, f_d[l], *repaired)
-      weights = np.asarray(attention.mean(-1))
+    if ffm_attention is not None:
+      weights = np.asarray(ffm_attention[index].mean(-1))
       print(f'  FFM weights (F_d, F_rep{config.rbae.patch_sizes[0]}, F_rep{config.rbae.patch_sizes[1]}) '
             f'(scale {config.rbae.similarity_scale:g}): inside '
             f'{np.round(weights[:, mask].mean(1), 3)}, outside {np.round(weights[:, ~mask].mean(1), 3)}')
