@@ -1,6 +1,8 @@
 """Entry point: python -m jaxad.main --config configs/sivt.py[:variant] --workdir DIR [--config.x=y].
 
-Re-running with the same workdir resumes from the latest checkpoint.
+Re-running with the same workdir resumes from the latest checkpoint. Compiled programs are kept in
+JAX's persistent compilation cache, so a rerun, a resume or the next category of a per-category run
+with the same shapes skips XLA compilation.
 """
 
 import logging as std_logging
@@ -8,6 +10,8 @@ import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+import jaxad
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -19,6 +23,9 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (mult
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() and let JAX detect the cluster (TPU pod '
     'slices, Slurm, ...) where the environment alone does not show it (e.g. over ssh on a TPU VM).')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache_dir', None, 'JAX persistent compilation cache. Default: $JAX_COMPILATION_CACHE_DIR '
+    'if set, else <$JAXAD_CACHE or ~/.cache/jaxad>/xla; "none" turns it off.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -35,6 +42,19 @@ class _QuietLibraries(std_logging.Filter):
         f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'array_record'))
 
 
+def _enable_compilation_cache(jax) -> None:
+  """Points JAX's persistent compilation cache at the flag's folder (after distributed init, which
+  decides which process writes, and before the first compilation)."""
+  path = _COMPILATION_CACHE.value
+  if path is None:
+    path = jax.config.jax_compilation_cache_dir or os.path.join(jaxad.cache_root(), 'xla')
+  if path.lower() == 'none':
+    jax.config.update('jax_enable_compilation_cache', False)
+    return
+  jax.config.update('jax_compilation_cache_dir', path)
+  logging.info('Persistent compilation cache: %s', path)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -43,6 +63,7 @@ def main(argv):
   jax.config.update('jax_threefry_partitionable', True)
   if _wants_distributed():
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  _enable_compilation_cache(jax)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
                jax.devices())
   from jaxad import train

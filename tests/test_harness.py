@@ -1,6 +1,7 @@
 """The shared harness: determinism, bitwise resume, sharding over 8 fake devices, outputs, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -138,6 +139,24 @@ def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
   second = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert second.returncode == 0, second.stderr[-3000:]
   assert f'Resumed from step {steps[-1]}' in second.stderr
+
+
+def test_compilation_cache_is_reused_and_changes_no_result(tiny_dataset, tmp_path):
+  cache = tmp_path / 'xla'
+  env = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # Cache every program.
+  results = []
+  for run in ('a', 'b'):  # Two fresh runs: b trains and scores with a's compiled programs.
+    cmd = _tiny_main_command(tmp_path / run, tiny_dataset, '--config.num_epochs=1',
+                             '--config.num_heatmaps=0', f'--compilation_cache_dir={cache}')
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results.append(json.loads((tmp_path / run / 'metrics.json').read_text()))
+    entries = sorted(p.name for p in cache.iterdir())
+    if run == 'a':
+      first_entries = entries
+  assert any(name.startswith('jit_step') for name in first_entries)
+  assert entries == first_entries  # Run b compiled nothing new.
+  assert results[0] == results[1]
 
 
 def test_per_category_mode_with_periodic_evaluation(tiny_dataset, tmp_path):

@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+import jaxad
+
 VERSION = 2
 CATEGORIES = ('weave', 'marble', 'screw_plate', 'connector', 'ring_seal')
 DEFECT_TYPES = {
@@ -819,9 +821,7 @@ def ensure(cache_dir=None, *, seed=0, image_size=256, num_train=60, num_test_goo
   so concurrent callers never see a partial dataset.
   """
   categories = tuple(categories)
-  base = cache_dir or os.environ.get('JAXAD_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'jaxad')
-  base = os.fspath(base)
+  base = os.fspath(cache_dir or jaxad.cache_root())
   root = os.path.join(base, _cache_name(seed, image_size, num_train, num_test_good,
                                         num_test_defect, categories))
   if os.path.exists(os.path.join(root, '.complete')):
