@@ -3,13 +3,19 @@
 # paper's settings beside its PyTorch twin. One JSON line per measurement, on stdout and appended to
 # ${OUT:-.}/performance.jsonl. See benchmarks/README.md.
 #
-#   bash benchmarks/gpu_performance.sh [sivt] [models] [twin]     (no argument: all three groups)
+#   bash benchmarks/gpu_performance.sh [compile] [sivt] [models] [twin]   (no argument: the last three)
+#
+# Compiled programs go to JAX's persistent cache (JAX_COMPILATION_CACHE_DIR, default .xla_cache/ in the
+# checkout, git-ignored and kept between device calls), so a rerun loads what an earlier call compiled.
+# `compile` only compiles the GAN `:paper` steps (minutes each): run it in its own call first, then
+# `models` loads them. A cache hit shows as an xla_compile_s of seconds.
 #
 # TWIN: path of the PyTorch twin (default benchmarks/torch_sivt.py, else ../shared/bench/torch_sivt.py).
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/performance.jsonl"
 groups="${*:-sivt models twin}"
+export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.xla_cache}"
 twin="${TWIN:-}"
 [ -z "$twin" ] && for t in benchmarks/torch_sivt.py ../shared/bench/torch_sivt.py; do
   [ -f "$t" ] && twin="$t" && break
@@ -35,6 +41,10 @@ for g in $groups; do
         tp "${paper_sivt[@]}" --batch "$b" --config.attention_implementation=cudnn
         # The issue's baseline: 12 heads (head dim 20), XLA attention.
         tp "${paper_sivt[@]}" --batch "$b" --config.backbone.cache_features=False --config.sivt.num_heads=12
+      done ;;
+    compile)
+      for c in configs/tmirn.py:paper configs/mask_vitgan.py:paper; do
+        python benchmarks/throughput.py --config "$c" --compile_only --config.dtype=auto | emit
       done ;;
     models)
       tp --config configs/vit_memae.py:paper

@@ -9,6 +9,10 @@ images of the configured shape, fed as the harness feeds it: through pipeline.tr
 for frozen-backbone models with `backbone.cache_features` and no augmentation, as the cached
 `precompute` outputs (e.g. SIVT's 'features'). The input pipeline itself is not timed.
 
+Compile times: `lower_s` traces and lowers the train step, `xla_compile_s` compiles it, or loads it
+when JAX's persistent compilation cache (`compilation_cache_dir` in the record) already holds it;
+`--compile_only` stops there.
+
 Times: the median over --repeats of the seconds per step of --steps back-to-back steps, after
 --warmup steps, synchronised with block_until_ready. Inference times the model's `score`.
 FLOPs per step come from XLA's cost analysis of the compiled step (which sees nothing inside custom
@@ -40,6 +44,8 @@ _FLOPS = flags.DEFINE_enum('flops', 'auto', ['auto', 'xla', 'analytic'],
                            'FLOPs per step for MFU: analytic where the model has a count, else XLA.')
 _PHASE = flags.DEFINE_string('phase', None, 'Phase to time for models with config.phases '
                              '(default: the last).')
+_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, 'Only lower and compile the train step and '
+                                   'report the times (no steps run).')
 flags.mark_flags_as_required(['config'])
 
 # Analytic (train, score) FLOPs per image, for models whose steps XLA's cost analysis cannot see into.
@@ -53,14 +59,16 @@ def _peak_memory() -> int | None:
 
 
 def _compile(fn, *args):
+  """(compiled, seconds to trace and lower, seconds for XLA to compile or load from the cache)."""
   t0 = time.perf_counter()
-  compiled = fn.lower(*args).compile()
-  return compiled, time.perf_counter() - t0
+  lowered = fn.lower(*args)
+  t1 = time.perf_counter()
+  return lowered.compile(), t1 - t0, time.perf_counter() - t1
 
 
 def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flops_source: str = 'auto',
-            phase: str | None = None) -> dict:
-  """The JSON record of one model (see the module docstring)."""
+            phase: str | None = None, compile_only: bool = False) -> dict:
+  """The JSON record of one model (see the module docstring); only compile times if `compile_only`."""
   jax.config.update('jax_threefry_partitionable', True)
   config.batch_size = config.eval_batch_size = batch_size
   mesh = parallel.make_mesh()
@@ -68,6 +76,7 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
   model = models.build(config, max(1, warmup + steps * repeats))
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  train_key = parallel.replicate(train_key, mesh)  # A step argument (see make_train_step).
 
   rng = np.random.default_rng(config.seed)
   size, channels = config.dataset.image_size, config.dataset.channels
@@ -90,13 +99,20 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
 
   schedule = train.phase_schedule(config, batch_size)
   phase = phase or schedule[-1][0]
-  step, compile_s = _compile(train.make_train_step(model, mesh, train_key, phase), run_state, batch,
-                             frozen)
+  step, lower_s, xla_compile_s = _compile(train.make_train_step(model, mesh, phase),
+                                          run_state, batch, frozen, train_key)
+  compiled = {'model': config.model.name, 'device_kind': jax.devices()[0].device_kind,
+              'batch': batch_size, 'phase': phase, 'compile_s': lower_s + xla_compile_s,
+              'lower_s': lower_s, 'xla_compile_s': xla_compile_s,
+              'compilation_cache_dir': jax.config.jax_compilation_cache_dir,
+              'jax_version': jax.__version__}
+  if compile_only:
+    return compiled
   state = run_state
 
   def train_once():
     nonlocal state
-    state, metrics = step(state, batch, frozen)
+    state, metrics = step(state, batch, frozen, train_key)
     return metrics
   for _ in range(warmup):
     jax.block_until_ready(train_once())
@@ -104,7 +120,7 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
 
   eval_batch = parallel.shard_batch(images, mesh)
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
-  score, score_compile_s = _compile(score_fn, state.model, eval_batch, frozen)
+  score, *score_times = _compile(score_fn, state.model, eval_batch, frozen)
   for _ in range(warmup):
     jax.block_until_ready(score(state.model, eval_batch, frozen))
   infer_s = perf.median_seconds(lambda: score(state.model, eval_batch, frozen), steps, repeats)
@@ -115,7 +131,7 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
     train_fn, score_fn_flops = _ANALYTIC[config.model.name]
     backbone = 0.0
     if model.precompute is not None:  # Convolutions only: XLA's count is good for them.
-      pre, _ = _compile(jax.jit(model.precompute), {'image': eval_batch['image']}, frozen)
+      pre, *_ = _compile(jax.jit(model.precompute), {'image': eval_batch['image']}, frozen)
       backbone = (perf.xla_flops(pre) or 0.0) / batch_size
     analytic_train = batch_size * (train_fn(config) + (0.0 if cached else backbone))
     analytic_infer = batch_size * (score_fn_flops(config) + backbone)
@@ -130,13 +146,11 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
   peak = perf.peak_flops(device.device_kind, dtype)
   n = jax.device_count()
   return {
-      'model': config.model.name, 'device_kind': device.device_kind, 'platform': device.platform,
-      'num_devices': n, 'dtype': dtype,
-      'attention_implementation': config.get('attention_implementation'),
-      'batch': batch_size, 'phase': phase, 'cached_features': cached,
+      **compiled, 'platform': device.platform, 'num_devices': n, 'dtype': dtype,
+      'attention_implementation': config.get('attention_implementation'), 'cached_features': cached,
       'train_img_per_s': batch_size / train_s, 'infer_img_per_s': batch_size / infer_s,
       'train_step_ms': 1e3 * train_s, 'infer_step_ms': 1e3 * infer_s,
-      'compile_s': compile_s, 'infer_compile_s': score_compile_s,
+      'infer_compile_s': sum(score_times),
       'peak_memory_bytes': _peak_memory(),
       'flops_source': 'analytic' if use_analytic else 'xla',
       'train_flops_per_step': train_flops, 'infer_flops_per_step': infer_flops,
@@ -145,7 +159,7 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
       'peak_flops_per_device': peak,
       'train_mfu': perf.mfu(train_flops, train_s, peak, n),
       'infer_mfu': perf.mfu(infer_flops, infer_s, peak, n),
-      'steps': steps, 'repeats': repeats, 'jax_version': jax.__version__,
+      'steps': steps, 'repeats': repeats,
   }
 
 
@@ -154,7 +168,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
   record = measure(config, _BATCH.value or config.batch_size, _STEPS.value, _REPEATS.value,
-                   _WARMUP.value, _FLOPS.value, _PHASE.value)
+                   _WARMUP.value, _FLOPS.value, _PHASE.value, _COMPILE_ONLY.value)
   record = {'config': config_flags.get_config_filename(flags.FLAGS['config']), **record}
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)

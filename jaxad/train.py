@@ -101,14 +101,17 @@ def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
   return [(name, int(end)) for (name, _), end in zip(phases, ends)]
 
 
-def make_train_step(model: models.AnomalyModel, mesh, train_key: jax.Array, phase: str | None = None):
-  """jit(step) with the batch sharded over 'data', state replicated and donated.
+def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
+  """jit(step(run_state, batch, frozen, train_key)): batch sharded over 'data', state replicated and
+  donated.
 
-  With a `phase`, the model's step is called with `phase=phase` (one compiled step per phase).
+  The key is an argument, not a constant, so runs that differ only in the seed share one compiled
+  program (and the persistent compilation cache). With a `phase`, the model's step is called with
+  `phase=phase` (one compiled step per phase).
   """
   kwargs = {} if phase is None else {'phase': phase}
 
-  def step(run_state: RunState, batch, frozen):
+  def step(run_state: RunState, batch, frozen, train_key):
     rng = jax.random.fold_in(train_key, run_state.step)
     state, metrics = model.train_step(run_state.model, batch, rng, frozen, **kwargs)
     metrics = {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
@@ -118,9 +121,10 @@ def make_train_step(model: models.AnomalyModel, mesh, train_key: jax.Array, phas
 
 
 def init_run_state(model: models.AnomalyModel, example: dict, frozen, mesh, init_key) -> RunState:
-  def init(batch, frozen):
+  def init(batch, frozen, init_key):
     return RunState(jnp.zeros((), jnp.int32), model.init(init_key, batch, frozen))
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))(example, frozen)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(
+      example, frozen, parallel.replicate(init_key, mesh))
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -143,6 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
   model = models.build(config, total)
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  train_key = parallel.replicate(train_key, mesh)  # A step argument (see make_train_step).
 
   source = pipeline.image_source(config, train_samples)
   if model.cached_keys and pipeline.augmentation(config) is None:
@@ -170,7 +175,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
         state=ocp.args.StandardSave(run_state), data=grain.checkpoint.CheckpointSave(it)))
 
   schedule = phase_schedule(config, len(train_samples))
-  train_steps = {name: make_train_step(model, mesh, train_key, name) for name, _ in schedule}
+  train_steps = {name: make_train_step(model, mesh, name) for name, _ in schedule}
   phase_ends = {end for _, end in schedule}
   writer = writers.MetricWriter(workdir)
   accumulated, pending, t0, n0 = None, None, time.perf_counter(), start
@@ -195,7 +200,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
       for step in range(start, end):
         batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
         phase = next(name for name, last in schedule if step < last)
-        run_state, metrics = train_steps[phase](run_state, parallel.shard_batch(batch, mesh), frozen)
+        run_state, metrics = train_steps[phase](run_state, parallel.shard_batch(batch, mesh), frozen,
+                                                train_key)
         if pending is not None:  # Check the previous step while this one runs.
           record(step, pending)
         pending, done = metrics, step + 1

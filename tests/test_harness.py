@@ -144,18 +144,19 @@ def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
 def test_compilation_cache_is_reused_and_changes_no_result(tiny_dataset, tmp_path):
   cache = tmp_path / 'xla'
   env = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # Cache every program.
-  results = []
-  for run in ('a', 'b'):  # Two fresh runs: b trains and scores with a's compiled programs.
+  results, entries = [], []
+  # Three fresh runs: b (the same seed) and c (another seed, a step argument) train and score with
+  # a's compiled programs.
+  for run, seed in (('a', 0), ('b', 0), ('c', 1)):
     cmd = _tiny_main_command(tmp_path / run, tiny_dataset, '--config.num_epochs=1',
-                             '--config.num_heatmaps=0', f'--compilation_cache_dir={cache}')
+                             '--config.num_heatmaps=0', f'--compilation_cache_dir={cache}',
+                             f'--config.seed={seed}')
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results.append(json.loads((tmp_path / run / 'metrics.json').read_text()))
-    entries = sorted(p.name for p in cache.iterdir())
-    if run == 'a':
-      first_entries = entries
-  assert any(name.startswith('jit_step') for name in first_entries)
-  assert entries == first_entries  # Run b compiled nothing new.
+    entries.append(sorted(p.name for p in cache.iterdir()))
+  assert any(name.startswith('jit_step') for name in entries[0])
+  assert entries[0] == entries[1] == entries[2]  # Runs b and c compiled nothing new.
   assert results[0] == results[1]
 
 

@@ -30,8 +30,9 @@ def test_benchmark_script_prints_one_json_line_with_every_field():
   r = json.loads(lines[0])
   assert r['model'] == 'sivt' and r['config'] == 'configs/sivt.py' and r['batch'] == 4
   assert r['platform'] == 'cpu' and r['dtype'] == 'float32' and r['cached_features'] is True
-  for k in ('train_img_per_s', 'infer_img_per_s', 'compile_s', 'infer_compile_s'):
+  for k in ('train_img_per_s', 'infer_img_per_s', 'lower_s', 'xla_compile_s', 'infer_compile_s'):
     assert r[k] > 0, k
+  assert r['compile_s'] == pytest.approx(r['lower_s'] + r['xla_compile_s'])
   assert r['train_img_per_s'] == pytest.approx(4e3 / r['train_step_ms'])
   assert r['peak_memory_bytes'] is None or r['peak_memory_bytes'] > 0
   # No CPU peak in the table: no MFU.
@@ -43,6 +44,15 @@ def test_benchmark_script_prints_one_json_line_with_every_field():
   for what in ('train', 'infer'):
     ratio = r[f'{what}_flops_per_step_analytic'] / r[f'{what}_flops_per_step_xla']
     assert 0.8 < ratio <= 1.0, (what, ratio)
+
+
+def test_compile_only_reports_compile_times_and_runs_no_step():
+  out = subprocess.run(
+      [sys.executable, 'benchmarks/throughput.py', '--config', 'configs/sivt.py', '--batch', '4',
+       '--compile_only', *_TINY_SIVT], cwd=REPO, capture_output=True, text=True, timeout=300,
+      check=True).stdout
+  r = json.loads(out.strip().splitlines()[-1])
+  assert r['lower_s'] > 0 and r['xla_compile_s'] > 0 and 'train_img_per_s' not in r
 
 
 def test_xla_flops_and_mfu_of_a_matmul():
