@@ -6,9 +6,10 @@
 #   bash benchmarks/gpu_performance.sh [compile] [sivt] [models] [twin]   (no argument: the last three)
 #
 # Compiled programs go to JAX's persistent cache (JAX_COMPILATION_CACHE_DIR, default .xla_cache/ in the
-# checkout, git-ignored and kept between device calls), so a rerun loads what an earlier call compiled.
-# `compile` only compiles the GAN `:paper` steps (minutes each): run it in its own call first, then
-# `models` loads them. A cache hit shows as an xla_compile_s of seconds.
+# checkout, git-ignored and kept between device calls), so a rerun can load what an earlier call
+# compiled. `compile` only compiles the GAN `:paper` steps (minutes each): run it in its own call
+# first, then `models`. A fast load shows as an xla_compile_s of seconds (on the CPU, large programs
+# load as slowly as they compile; on the GPU not measured yet).
 #
 # TWIN: path of the PyTorch twin (default benchmarks/torch_sivt.py, else ../shared/bench/torch_sivt.py).
 set -u

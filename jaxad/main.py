@@ -1,8 +1,8 @@
 """Entry point: python -m jaxad.main --config configs/sivt.py[:variant] --workdir DIR [--config.x=y].
 
 Re-running with the same workdir resumes from the latest checkpoint. Compiled programs are kept in
-JAX's persistent compilation cache, so a rerun, a resume or the next category of a per-category run
-with the same shapes skips XLA compilation.
+JAX's persistent compilation cache, so a rerun, a resume or another seed loads them instead of
+compiling them again.
 """
 
 import logging as std_logging
@@ -24,8 +24,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() and let JAX detect the cluster (TPU pod '
     'slices, Slurm, ...) where the environment alone does not show it (e.g. over ssh on a TPU VM).')
 _COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache_dir', None, 'JAX persistent compilation cache. Default: $JAX_COMPILATION_CACHE_DIR '
-    'if set, else <$JAXAD_CACHE or ~/.cache/jaxad>/xla; "none" turns it off.')
+    'compilation_cache_dir', None, 'JAX persistent compilation cache. Default: '
+    '$JAX_COMPILATION_CACHE_DIR if set, else <$JAXAD_CACHE or ~/.cache/jaxad>/xla; "none": off.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
