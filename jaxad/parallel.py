@@ -38,7 +38,11 @@ def local_rows(batch: dict, process_index: int, process_count: int) -> dict:
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """The tree on every device of the mesh; with several processes each passes the same values."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
 def gather(x: jax.Array) -> np.ndarray:

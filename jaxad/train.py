@@ -102,17 +102,17 @@ def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
 
 
 def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
-  """jit(step(run_state, batch, frozen, train_key)): batch sharded over 'data', state replicated and
-  donated.
+  """jit(step(run_state, batch, frozen, train_key_data)): batch sharded over 'data', state
+  replicated and donated.
 
-  The key is an argument, not a constant, so runs that differ only in the seed share one compiled
-  program (and the persistent compilation cache). With a `phase`, the model's step is called with
+  The key (its `jax.random.key_data`, replicated) is an argument, not a constant, so runs that differ
+  only in the seed share one compiled program (and the persistent compilation cache). With a `phase`, the model's step is called with
   `phase=phase` (one compiled step per phase).
   """
   kwargs = {} if phase is None else {'phase': phase}
 
-  def step(run_state: RunState, batch, frozen, train_key):
-    rng = jax.random.fold_in(train_key, run_state.step)
+  def step(run_state: RunState, batch, frozen, train_key_data):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(train_key_data), run_state.step)
     state, metrics = model.train_step(run_state.model, batch, rng, frozen, **kwargs)
     metrics = {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
     return RunState(run_state.step + 1, state), metrics
@@ -121,10 +121,11 @@ def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
 
 
 def init_run_state(model: models.AnomalyModel, example: dict, frozen, mesh, init_key) -> RunState:
-  def init(batch, frozen, init_key):
-    return RunState(jnp.zeros((), jnp.int32), model.init(init_key, batch, frozen))
+  def init(batch, frozen, init_key_data):
+    return RunState(jnp.zeros((), jnp.int32),
+                    model.init(jax.random.wrap_key_data(init_key_data), batch, frozen))
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(
-      example, frozen, parallel.replicate(init_key, mesh))
+      example, frozen, parallel.replicate(jax.random.key_data(init_key), mesh))
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -147,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
   model = models.build(config, total)
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = parallel.replicate(train_key, mesh)  # A step argument (see make_train_step).
+  train_key = parallel.replicate(jax.random.key_data(train_key), mesh)  # See make_train_step.
 
   source = pipeline.image_source(config, train_samples)
   if model.cached_keys and pipeline.augmentation(config) is None:
