@@ -106,8 +106,8 @@ def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
   replicated and donated.
 
   The key (its `jax.random.key_data`, replicated) is an argument, not a constant, so runs that differ
-  only in the seed share one compiled program (and the persistent compilation cache). With a `phase`, the model's step is called with
-  `phase=phase` (one compiled step per phase).
+  only in the seed share one compiled program (and the persistent compilation cache). With a
+  `phase`, the model's step is called with `phase=phase` (one compiled step per phase).
   """
   kwargs = {} if phase is None else {'phase': phase}
 
