@@ -76,7 +76,7 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
   model = models.build(config, max(1, warmup + steps * repeats))
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = parallel.replicate(jax.random.key_data(train_key), mesh)  # See make_train_step.
+  train_key = parallel.replicate_key(train_key, mesh)
 
   rng = np.random.default_rng(config.seed)
   size, channels = config.dataset.image_size, config.dataset.channels

@@ -45,6 +45,11 @@ def replicate(tree, mesh: Mesh):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
 
 
+def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+  """A typed PRNG key's raw bits on every device: a jit argument, so new seeds reuse the program."""
+  return replicate(jax.random.key_data(key), mesh)
+
+
 def gather(x: jax.Array) -> np.ndarray:
   """A batch-sharded global array as one numpy array on every process."""
   if jax.process_count() == 1:

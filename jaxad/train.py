@@ -125,7 +125,7 @@ def init_run_state(model: models.AnomalyModel, example: dict, frozen, mesh, init
     return RunState(jnp.zeros((), jnp.int32),
                     model.init(jax.random.wrap_key_data(init_key_data), batch, frozen))
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(
-      example, frozen, parallel.replicate(jax.random.key_data(init_key), mesh))
+      example, frozen, parallel.replicate_key(init_key, mesh))
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -148,7 +148,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
   model = models.build(config, total)
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = parallel.replicate(jax.random.key_data(train_key), mesh)  # See make_train_step.
+  train_key = parallel.replicate_key(train_key, mesh)
 
   source = pipeline.image_source(config, train_samples)
   if model.cached_keys and pipeline.augmentation(config) is None:
