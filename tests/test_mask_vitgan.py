@@ -72,11 +72,11 @@ def test_score_merges_each_pair_over_its_masked_areas():
                         'mvg.disc_depth': 1, 'mvg.disc_width': 32})
   model = models.build(c, 1)
   x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
-  state = model.init(jax.random.key(1), {'image': x}, {})
+  state = jax.jit(model.init)(jax.random.key(1), {'image': x}, {})
   g = jax.tree.map(jnp.zeros_like, state['g'].params)
   g['generator']['out_conv']['bias'] = jnp.full((3,), 0.25)
   state['g'] = state['g'].replace(params=g)
-  maps, scores = model.score(state, {'image': x}, {})
+  maps, scores = jax.jit(model.score)(state, {'image': x}, {})
   np.testing.assert_allclose(maps, jnp.mean(jnp.abs(x - 0.75), axis=-1), atol=1e-6)
   np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)
 

@@ -128,9 +128,9 @@ def test_residual_score_is_the_smoothed_reconstruction_error(tmp_path):
   config = _tiny_config(str(tmp_path), **{'rbae.score': 'residual'})
   model = models.build(config, 10)
   x = np.asarray(jax.random.uniform(jax.random.key(0), (2, 32, 32, 3)))
-  state = model.init(jax.random.key(1), {'image': x, 'reference': x[:1]}, model.frozen)
-  maps, scores = model.score(state, {'image': x}, model.frozen)
-  recon = rbae.network(config).apply({'params': state['params']}, x, x[:1])[0]
+  state = jax.jit(model.init)(jax.random.key(1), {'image': x, 'reference': x[:1]}, model.frozen)
+  maps, scores = jax.jit(model.score)(state, {'image': x}, model.frozen)
+  recon = jax.jit(rbae.network(config).apply)({'params': state['params']}, x, x[:1])[0]
   residual = np.mean(np.abs(x - np.asarray(recon, np.float64)), axis=-1)
   expected = np.stack([ndimage.gaussian_filter(r, config.rbae.smoothing_sigma, mode='reflect')
                        for r in residual])

@@ -26,8 +26,20 @@ def test_paper_variant_asks_for_backbone_weights():
     models.build(config, total_steps=1)
 
 
+def test_paper_variant_has_the_papers_size():
+  """The paper architecture (b4 features 32x32x272, 12+8 blocks of width 240), from shapes alone."""
+  config = sivt_config.get_config('paper')
+  config.backbone.weights = 'random'  # No b4 ImageNet weights exist offline.
+  model = models.build(config, total_steps=1)
+  image = jax.ShapeDtypeStruct((1, 256, 256, 3), np.float32)
+  state = jax.eval_shape(lambda x: model.init(jax.random.key(0), {'image': x}, model.frozen), image)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  assert 13e6 < n_params < 16e6, n_params  # The paper reports 14.59 M.
+
+
+@pytest.mark.slow  # 90-110 s on the 2-core CPU, nearly all of it compiling the b4 backbone + 20 blocks.
 def test_paper_variant_one_step_smoke(tiny_dataset, tmp_path):
-  """The paper architecture (b4 features 32x32x272, 12+8 blocks of width 240) trains one step."""
+  """The paper architecture trains one step through the harness."""
   config = sivt_config.get_config('paper')
   config.backbone.weights = 'random'  # No b4 ImageNet weights exist offline.
   config = _folder(config, tiny_dataset, eval_batch_size=8)

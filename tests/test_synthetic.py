@@ -122,15 +122,10 @@ def test_ensure_is_idempotent_and_readable(tmp_path, monkeypatch):
       assert folder.load_image(s.image_path, 64).shape == (64, 64, 3)
 
 
-@pytest.fixture(scope='module')
-def default_dataset(tmp_path_factory):
-  return synthetic.ensure(tmp_path_factory.mktemp('cache'), progress=False)
-
-
-def test_default_mask_areas(default_dataset):
+def test_default_mask_areas(embedded_dataset):
   lo, hi = synthetic.AREA_RANGE
   for cat in synthetic.CATEGORIES:
-    test = folder.scan_split(default_dataset, cat, 'test')
+    test = folder.scan_split(embedded_dataset, cat, 'test')
     assert sum(s.label for s in test) == 30 and len(test) == 45
     assert len({s.defect_type for s in test if s.label}) >= 2
     for s in test:
@@ -139,15 +134,15 @@ def test_default_mask_areas(default_dataset):
         assert lo <= area <= hi, (s.mask_path, area)
 
 
-def test_mean_image_baseline_is_not_near_perfect(default_dataset):
+def test_mean_image_baseline_is_not_near_perfect(embedded_dataset):
   """Per-pixel L2 to the mean training image (score = max) must stay weak."""
   metrics = pytest.importorskip('sklearn.metrics')
   aurocs = {}
   for cat in synthetic.CATEGORIES:
-    train = folder.scan_split(default_dataset, cat, 'train')
+    train = folder.scan_split(embedded_dataset, cat, 'train')
     mean = np.mean([folder.load_image(s.image_path, 256) for s in train], axis=0)
     labels, scores = [], []
-    for s in folder.scan_split(default_dataset, cat, 'test'):
+    for s in folder.scan_split(embedded_dataset, cat, 'test'):
       x = folder.load_image(s.image_path, 256)
       scores.append(np.sqrt(((x - mean) ** 2).sum(-1)).max())
       labels.append(s.label)

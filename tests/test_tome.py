@@ -42,7 +42,7 @@ def test_blocks_remove_exactly_r_tokens_each_and_keep_static_shapes_under_jit(r)
   size = jnp.ones(x.shape[:2])
   params = []
   for blk in blocks:
-    p = blk.init(jax.random.key(len(params)), x, size)
+    p = jax.jit(blk.init)(jax.random.key(len(params)), x, size)
     params.append(p)
     x, size = jax.jit(blk.apply)(p, x, size)
     assert x.shape == (2, n - r * len(params), 32)
