@@ -9,7 +9,6 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REALAD = REPO.parent / 'shared' / 'data' / 'realad'
-_SESSION_XLA_CACHE = None
 
 
 def pytest_configure(config):
@@ -20,17 +19,12 @@ def pytest_configure(config):
   first one compiled: tests/test_harness.py took 258 s instead of ~420 s on the 2-core CPU. A
   JAX_COMPILATION_CACHE_DIR you set yourself is used (and kept); otherwise a temporary folder is.
   """
-  global _SESSION_XLA_CACHE
   if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    _SESSION_XLA_CACHE = tempfile.mkdtemp(prefix='jaxad-test-xla-')
-    os.environ['JAX_COMPILATION_CACHE_DIR'] = _SESSION_XLA_CACHE
+    path = tempfile.mkdtemp(prefix='jaxad-test-xla-')
+    config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = path
   import jax
   jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-
-
-def pytest_unconfigure(config):
-  if _SESSION_XLA_CACHE:
-    shutil.rmtree(_SESSION_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
