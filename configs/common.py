@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 0         # 0: evaluate only at the end; k: also every k epochs.
   c.eval_batch_size = 32          # Global batch size for scoring the test split.
   c.num_heatmaps = 6              # Heatmap PNGs written per category at evaluation.
+  c.image_score = 'model'         # Image-level score: 'model' (the model's own, mostly the map's maximum)
+                                  # or 'max_zscore' (the map's maximum after standardising each pixel by
+                                  # the training images' maps of the category; for aligned images).
   c.dtype = 'auto'                # Activation/matmul dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on
                                   # GPU/TPU, float32 on CPU); params, optimizer state, losses, scores stay fp32.
   c.attention_implementation = ml_collections.config_dict.placeholder(str)  # jax.nn.dot_product_attention

@@ -12,6 +12,26 @@ from jaxad import metrics, parallel
 from jaxad.data import pipeline
 
 METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
+IMAGE_SCORES = ('model', 'max_zscore')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Fails before any training on evaluation settings that evaluation would reject."""
+  if config.image_score not in IMAGE_SCORES:
+    raise ValueError(f'Unknown image_score {config.image_score!r}; expected one of {IMAGE_SCORES}.')
+
+
+def max_zscore(maps: np.ndarray, normal_maps: np.ndarray, std_floor: float = 0.1) -> np.ndarray:
+  """Image scores [N]: the maximum over pixels of `maps` [N, H, W] standardised per pixel.
+
+  Each pixel's map value is centred on its mean over `normal_maps` [M, H, W] (the training images'
+  maps) and divided by their standard deviation, floored at `std_floor` times its mean over the image
+  so that pixels that hardly vary in training cannot dominate. On roughly aligned images, regions a
+  model always reconstructs badly then stop deciding the image score.
+  """
+  mean, std = normal_maps.mean(0), normal_maps.std(0)
+  std = np.maximum(std, std_floor * std.mean())
+  return ((maps - mean) / std).reshape(len(maps), -1).max(1)
 
 
 def map_in_order(fn, source, config, mesh):
@@ -41,12 +61,22 @@ def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) ->
 
 
 def evaluate(config: ml_collections.ConfigDict, model, state, frozen, test_by_category: dict, mesh,
-             outdir: str) -> dict:
-  """Per-category metrics of a trained model; heatmaps go to <outdir>/heatmaps/<category>/."""
+             outdir: str, train_by_category: dict | None = None) -> dict:
+  """Per-category metrics of a trained model; heatmaps go to <outdir>/heatmaps/<category>/.
+
+  With `config.image_score == 'max_zscore'` the image scores come from `max_zscore` against the maps
+  of `train_by_category[category]`; the pixel maps stay the model's own.
+  """
+  check_config(config)
+  if config.image_score == 'max_zscore' and train_by_category is None:
+    raise ValueError("image_score='max_zscore' needs the training samples (train_by_category).")
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   results = {}
   for category, samples in test_by_category.items():
     scored = score_samples(config, model, state, frozen, samples, mesh, score_fn)
+    if config.image_score == 'max_zscore':
+      normal = score_samples(config, model, state, frozen, train_by_category[category], mesh, score_fn)
+      scored['scores'] = max_zscore(scored['maps'], normal['maps'])
     results[category] = metrics.compute_all(scored['scores'], scored['labels'], scored['maps'],
                                             scored['masks'])
     if jax.process_index() == 0 and config.num_heatmaps:

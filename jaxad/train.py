@@ -244,6 +244,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as the config says; writes metrics.json, results.md and heatmaps/."""
+  evaluate.check_config(config)
   mesh = parallel.make_mesh()
   root = pipeline.dataset_root(config)
   categories = pipeline.categories(config, root)
@@ -251,16 +252,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   for name, cats in groups.items():
     run_dir = os.path.join(workdir, name) if name else workdir
-    train_samples = [s for c in cats for s in pipeline.scan(config, root, c, 'train')]
+    train_by_cat = {c: pipeline.scan(config, root, c, 'train') for c in cats}
+    train_samples = [s for c in cats for s in train_by_cat[c]]
     test = {c: pipeline.scan(config, root, c, 'test') for c in cats}
     logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
 
-    def eval_fn(model, state, frozen, step, run_dir=run_dir, test=test):
+    def eval_fn(model, state, frozen, step, run_dir=run_dir, test=test, train_by_cat=train_by_cat):
       per_cat = evaluate.evaluate(config, model, state, frozen, test, mesh,
-                                  os.path.join(run_dir, f'eval_step{step}'))
+                                  os.path.join(run_dir, f'eval_step{step}'), train_by_cat)
       return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
 
     model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)
-    results.update(evaluate.evaluate(config, model, state, frozen, test, mesh, run_dir))
+    results.update(evaluate.evaluate(config, model, state, frozen, test, mesh, run_dir, train_by_cat))
   evaluate.write_results(workdir, results, config)
   return results
