@@ -30,6 +30,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.optimizer.kwargs = ml_collections.ConfigDict({'b1': 0.5, 'b2': 0.999})
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = 'cosine'
+  c.image_score = 'max_zscore'    # Map maximum after per-pixel standardisation against the training
+                                  # maps (not in the paper, which does not say how it scores images):
+                                  # image AUROC 53.2 -> 67.0 embedded, 64.8 -> 96.1 bottle (README).
 
   c.tmirn = ml_collections.ConfigDict()
   # Architecture (G and D share the MTFE/MAFF layout).
@@ -70,6 +73,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 2e-4
     c.optimizer.warmup_steps = 0
     c.optimizer.schedule = 'constant'
+    c.image_score = 'model'       # The map's maximum.
     c.augment.hflip = True
     c.augment.vflip = True
     c.augment.rotate = 10.0
