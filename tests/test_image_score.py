@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from conftest import override, tiny_folder_config
+from conftest import override, tiny_folder_config, tiny_sivt_config
 from configs import mean_image
-from jaxad import evaluate, models, parallel, train
+from jaxad import evaluate, parallel, train
 from jaxad.data import folder, pipeline
 
 
@@ -51,14 +51,22 @@ def _mean_image_config(root, **overrides):
   return override(config, **overrides)
 
 
-def test_harness_standardises_against_the_same_categorys_training_maps(tiny_dataset, tmp_path):
-  config = _mean_image_config(tiny_dataset, image_score='max_zscore')
+@pytest.mark.parametrize('unified', [False, True])
+def test_harness_standardises_against_the_same_categorys_training_maps(tiny_dataset, tmp_path, unified):
+  """Per category (one mean image each) and unified (one tiny SIVT for both categories)."""
+  if unified:
+    config = tiny_sivt_config(tiny_dataset, image_score='max_zscore', num_heatmaps=0)
+  else:
+    config = _mean_image_config(tiny_dataset, image_score='max_zscore')
   results = train.train_and_evaluate(config, str(tmp_path))
   mesh = parallel.make_mesh()
-  for category in folder.list_categories(tiny_dataset):
-    samples = [s for s in pipeline.scan(config, tiny_dataset, category, 'train')]
-    model, state, frozen = train.train(config, str(tmp_path / category), samples, mesh)
-    normal = evaluate.score_samples(config, model, state, frozen, samples, mesh)
+  categories = folder.list_categories(tiny_dataset)
+  train_by_cat = {c: pipeline.scan(config, tiny_dataset, c, 'train') for c in categories}
+  for category in categories:
+    samples = sum(train_by_cat.values(), []) if unified else train_by_cat[category]
+    run_dir = tmp_path if unified else tmp_path / category
+    model, state, frozen = train.train(config, str(run_dir), samples, mesh)  # Restores; no steps.
+    normal = evaluate.score_samples(config, model, state, frozen, train_by_cat[category], mesh)
     test = evaluate.score_samples(config, model, state, frozen,
                                   pipeline.scan(config, tiny_dataset, category, 'test'), mesh)
     expected = roc_auc_score(test['labels'], evaluate.max_zscore(test['maps'], normal['maps']))
