@@ -33,6 +33,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3
   c.optimizer.kwargs = ml_collections.ConfigDict({'weight_decay': 1e-5})
+  c.image_score = 'max_zscore'    # Map maximum after per-pixel standardisation against the training
+                                  # maps (not in the paper, which does not say how it scores images).
 
   # Phases as data (jaxad/train.py): (name, epochs) in order; the step counter picks the phase.
   c.phases = tuple(zip(('reconstruct', 'repair'), PHASE_EPOCHS[variant]))
@@ -85,6 +87,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.dataset.image_size = 256
     c.log_every = 50
     c.optimizer.learning_rate = 1e-4
+    c.image_score = 'model'       # The map's maximum.
     c.rbae.channels = (32, 64, 128, 256, 256)
     c.rbae.strides = (1, 2, 2, 2, 2)
     c.rbae.head_width = 64
