@@ -188,8 +188,8 @@ def test_phase2_freezes_the_encoder_and_resuming_in_it_does_not_redo_phase1(tiny
 
 def test_default_image_score_runs_through_the_harness(tiny_dataset, tmp_path):
   """The default scores images with 'max_zscore' (`:paper` with the map's maximum), which needs the
-  training maps of a per-category two-phase model. Rerunning the same workdir with 'model' only
-  evaluates: the pixel metrics stay."""
+  training maps of a per-category two-phase model. Rerunning the finished workdir with 'model' changes
+  only the image score: the pixel metrics stay."""
   assert rbae_config.get_config().image_score == 'max_zscore'
   assert rbae_config.get_config('paper').image_score == 'model'
   config = _tiny_config(tiny_dataset, **{'dataset.categories': 'weave'})
@@ -198,7 +198,6 @@ def test_default_image_score_runs_through_the_harness(tiny_dataset, tmp_path):
     assert json.load(f)['categories']['weave']['image_auroc'] == pytest.approx(zscored['image_auroc'])
   model_score = train.train_and_evaluate(override(config, image_score='model'), str(tmp_path))['weave']
   assert model_score['pixel_auroc'] == zscored['pixel_auroc']
-  assert 0.0 <= zscored['image_auroc'] <= 1.0 and 0.0 <= model_score['image_auroc'] <= 1.0
 
 
 def test_phases_must_add_up_to_num_epochs(tmp_path):
@@ -212,7 +211,7 @@ def test_phases_must_add_up_to_num_epochs(tmp_path):
 def test_default_run_on_embedded_weave_localises_defects(embedded_dataset, tmp_path):
   """configs/rbae.py (12 + 8 epochs, 150 steps) on weave. Measured pixel AUROC 0.843, AUPRO 0.669,
   image AUROC 0.691 with the map's maximum (image_score='model', the earlier default; 0.816 with the
-  default 'max_zscore' in a later run); the per-category mean-image baseline gets 0.600 / 0.318 /
+  default 'max_zscore': weave in a full default run, 2026-12-01); the per-category mean-image baseline gets 0.600 / 0.318 /
   0.562 on weave."""
   config = rbae_config.get_config()
   config.dataset.name = 'folder'
