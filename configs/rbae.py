@@ -2,7 +2,7 @@
 
   configs/rbae.py          the embedded dataset's textures (weave, marble) on a CPU: 64x64, one model per
                            category, 12 epochs 'reconstruct' then 8 'repair' (150 steps of batch 8 each):
-                           6.6 min for both categories on 2 cores (~0.9-1.3 s per step).
+                           6.0-7.5 min for both categories on 2 cores (seeds 0-2, 2026-12-01).
   configs/rbae.py:paper    Sec. IV-A: 256x256, Adam 1e-4 with weight decay 1e-5, 400 + 200 epochs, one model
                            per category, MVTec AD carpet, grid, leather, tile, wood (--config.dataset.root).
 
