@@ -62,10 +62,11 @@ def test_harness_standardises_against_the_same_categorys_training_maps(tiny_data
   mesh = parallel.make_mesh()
   categories = folder.list_categories(tiny_dataset)
   train_by_cat = {c: pipeline.scan(config, tiny_dataset, c, 'train') for c in categories}
+  runs = ({tmp_path: sum(train_by_cat.values(), [])} if unified else
+          {tmp_path / c: train_by_cat[c] for c in categories})
+  restored = {d: train.train(config, str(d), s, mesh) for d, s in runs.items()}  # Restores; no steps.
   for category in categories:
-    samples = sum(train_by_cat.values(), []) if unified else train_by_cat[category]
-    run_dir = tmp_path if unified else tmp_path / category
-    model, state, frozen = train.train(config, str(run_dir), samples, mesh)  # Restores; no steps.
+    model, state, frozen = restored[tmp_path if unified else tmp_path / category]
     normal = evaluate.score_samples(config, model, state, frozen, train_by_cat[category], mesh)
     test = evaluate.score_samples(config, model, state, frozen,
                                   pipeline.scan(config, tiny_dataset, category, 'test'), mesh)
