@@ -46,12 +46,12 @@ def main():
 
   def patches(samples):
     images = np.stack([folder.load_image(s.image_path, size) for s in samples])
-    out = np.concatenate([features(images[i:i + 32]) for i in range(0, len(images), 32)])
+    out = np.concatenate([features(images[i : i + 32]) for i in range(0, len(images), 32)])
     return jnp.asarray(out.reshape(-1, out.shape[-1]))
 
   @jax.jit
   def nearest_distance(queries, bank):
-    d2 = jnp.sum(queries ** 2, 1)[:, None] + jnp.sum(bank ** 2, 1)[None] - 2 * queries @ bank.T
+    d2 = jnp.sum(queries**2, 1)[:, None] + jnp.sum(bank**2, 1)[None] - 2 * queries @ bank.T
     return jnp.sqrt(jnp.maximum(jnp.min(d2, 1), 0))
 
   results = {}
@@ -60,18 +60,22 @@ def main():
     bank = patches(folder.scan_split(root, category, 'train'))
     test = folder.scan_split(root, category, 'test')
     queries = patches(test)
-    dist = np.concatenate([nearest_distance(queries[i:i + 4096], bank)
-                           for i in range(0, len(queries), 4096)])
+    dist = np.concatenate(
+      [nearest_distance(queries[i : i + 4096], bank) for i in range(0, len(queries), 4096)]
+    )
     maps = dist.reshape(len(test), feature_size, feature_size)
     scores = np.array([ndimage.gaussian_filter(m, 1).max() for m in maps])
     labels = np.array([s.label for s in test], bool)
     types = np.array([s.defect_type for s in test])
-    per_type = {str(t): round(metrics.image_auroc(scores[(types == t) | ~labels],
-                                             labels[(types == t) | ~labels]), 3)
-                for t in sorted(set(types) - {'good'})}
+    per_type = {
+      str(t): round(metrics.image_auroc(scores[(types == t) | ~labels], labels[(types == t) | ~labels]), 3)
+      for t in sorted(set(types) - {'good'})
+    }
     results[category] = metrics.image_auroc(scores, labels)
-    print(f'{category}: image AUROC {results[category]:.3f}  {per_type}  ({time.time() - start:.0f} s)',
-          flush=True)
+    print(
+      f'{category}: image AUROC {results[category]:.3f}  {per_type}  ({time.time() - start:.0f} s)',
+      flush=True,
+    )
   print(f'mean: image AUROC {np.mean(list(results.values())):.3f}')
 
 

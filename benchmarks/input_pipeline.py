@@ -39,8 +39,9 @@ def throughput(config) -> tuple[float, float]:
   work, and robust to other jobs sharing the machine)."""
   root = pipeline.dataset_root(config)
   samples = [s for c in pipeline.categories(config, root) for s in pipeline.scan(config, root, c, 'train')]
-  it = pipeline.train_iterator(pipeline.image_source(config, samples), config, process_index=0,
-                               process_count=1)
+  it = pipeline.train_iterator(
+    pipeline.image_source(config, samples), config, process_index=0, process_count=1
+  )
   next(it)  # Start-up (worker processes, file opening) is not throughput.
   n = (len(samples) * (config.num_epochs - 1)) // config.batch_size
   t0, c0 = time.perf_counter(), time.process_time()
@@ -69,8 +70,10 @@ def main():
     for workers in map(int, args.workers.split(',')):
       for name in ('folder', 'tfds'):
         wall, cpu = throughput(_config(args, name, tfds_dir, workers))
-        print(f'{name:6s} workers={workers}: {wall:8.1f} images/s' +
-              (f', {cpu:8.1f} images per CPU second' if workers == 0 else ''))
+        print(
+          f'{name:6s} workers={workers}: {wall:8.1f} images/s'
+          + (f', {cpu:8.1f} images per CPU second' if workers == 0 else '')
+        )
 
 
 if __name__ == '__main__':

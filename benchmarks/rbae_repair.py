@@ -22,20 +22,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 import numpy as np  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
+from absl import (
+  app,  # noqa: E402
+  flags,  # noqa: E402
+)
+from ml_collections import config_flags  # noqa: E402
 
 from jaxad import train  # noqa: E402
 from jaxad.data import defects, pipeline  # noqa: E402
 from jaxad.models import rbae  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/rbae.py', 'The run\'s config.',
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The run\'s --workdir.', required=True)
+_CONFIG = config_flags.DEFINE_config_file('config', 'configs/rbae.py', "The run's config.", lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, "The run's --workdir.", required=True)
 _CATEGORY = flags.DEFINE_string('category', None, 'Category (per-category runs: a subfolder).', required=True)
 _SCALES = flags.DEFINE_list('scales', ['1', '10', '30', '100'], 'Softmax scales of RBFRM to try.')
 _NUM_IMAGES = flags.DEFINE_integer('num_images', 48, 'Training images given artificial defects.')
@@ -58,8 +59,9 @@ def main(argv):
   latest = max((int(s) for s in os.listdir(checkpoints) if s.isdigit()), default=None)
   (_, phase1_end), *_ = train.phase_schedule(config, len(samples))
   if latest is None or latest < phase1_end:
-    raise FileNotFoundError(f'{checkpoints} has no checkpoint at or after the end of phase 1 (step '
-                            f'{phase1_end}; latest: {latest}).')
+    raise FileNotFoundError(
+      f'{checkpoints} has no checkpoint at or after the end of phase 1 (step {phase1_end}; latest: {latest}).'
+    )
   state = load_state(checkpoints, latest)  # Phase 2 leaves the encoder as phase 1 ended.
   net = rbae.network(config)
   source = pipeline.image_source(config, samples)
@@ -71,29 +73,45 @@ def main(argv):
   f_o, f_d, f_ref = encode(stack('image')), encode(stack('defect_image')), encode(state['reference'])
   ffm_attention = None
   if latest > phase1_end and config.rbae.use_rbam:  # The model's own phase-2 forward, FFM outputs kept.
-    _, captured = net.apply({'params': state['params']}, stack('defect_image'), state['reference'],
-                            capture_intermediates=lambda module, _: isinstance(module, rbae.FFM),
-                            mutable=['intermediates'])
-    ffm_attention = [captured['intermediates'][f'rbams_{i}']['ffm']['__call__'][0][1]
-                     for i in range(len(config.rbae.rbam_layers))]
-  print(f'{_CATEGORY.value}: distance to F_o, inside / outside the defects ({len(examples)} images; '
-        f'step {latest})')
+    _, captured = net.apply(
+      {'params': state['params']},
+      stack('defect_image'),
+      state['reference'],
+      capture_intermediates=lambda module, _: isinstance(module, rbae.FFM),
+      mutable=['intermediates'],
+    )
+    ffm_attention = [
+      captured['intermediates'][f'rbams_{i}']['ffm']['__call__'][0][1]
+      for i in range(len(config.rbae.rbam_layers))
+    ]
+  print(
+    f'{_CATEGORY.value}: distance to F_o, inside / outside the defects ({len(examples)} images; '
+    f'step {latest})'
+  )
   for index, layer in enumerate(config.rbae.rbam_layers):
     l = layer - 1
     mask = np.asarray(rbae.resize_mask(stack('defect_mask'), f_o[l].shape[1:3]) > 0.5)
     distance = lambda f: np.sqrt(np.mean(np.square(np.asarray(f - f_o[l])), -1))
-    print(f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]}, |F_o| '
-          f'{np.sqrt(np.mean(np.square(np.asarray(f_o[l])), -1)).mean():.3f}: '
-          f'F_d {inside_outside(distance(f_d[l]), mask)}')
+    print(
+      f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]}, |F_o| '
+      f'{np.sqrt(np.mean(np.square(np.asarray(f_o[l])), -1)).mean():.3f}: '
+      f'F_d {inside_outside(distance(f_d[l]), mask)}'
+    )
     for k in config.rbae.patch_sizes:
-      print(f'  RBFRM K={k}: ' + ', '.join(
+      print(
+        f'  RBFRM K={k}: '
+        + ', '.join(
           f'scale {s} {inside_outside(distance(rbae.rbfrm(f_d[l], f_ref[l], k, float(s))), mask)}'
-          for s in _SCALES.value))
+          for s in _SCALES.value
+        )
+      )
     if ffm_attention is not None:
       weights = np.asarray(ffm_attention[index].mean(-1))
-      print(f'  FFM weights (F_d, F_rep{config.rbae.patch_sizes[0]}, F_rep{config.rbae.patch_sizes[1]}) '
-            f'(scale {config.rbae.similarity_scale:g}): inside '
-            f'{np.round(weights[:, mask].mean(1), 3)}, outside {np.round(weights[:, ~mask].mean(1), 3)}')
+      print(
+        f'  FFM weights (F_d, F_rep{config.rbae.patch_sizes[0]}, F_rep{config.rbae.patch_sizes[1]}) '
+        f'(scale {config.rbae.similarity_scale:g}): inside '
+        f'{np.round(weights[:, mask].mean(1), 3)}, outside {np.round(weights[:, ~mask].mean(1), 3)}'
+      )
 
 
 if __name__ == '__main__':

@@ -40,12 +40,18 @@ _BATCH = flags.DEFINE_integer('batch', None, 'Global batch size (default: config
 _STEPS = flags.DEFINE_integer('steps', 20, 'Back-to-back steps per timed repeat.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats; the median is reported.')
 _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.')
-_FLOPS = flags.DEFINE_enum('flops', 'auto', ['auto', 'xla', 'analytic'],
-                           'FLOPs per step for MFU: analytic where the model has a count, else XLA.')
-_PHASE = flags.DEFINE_string('phase', None, 'Phase to time for models with config.phases '
-                             '(default: the last).')
-_COMPILE_ONLY = flags.DEFINE_bool('compile_only', False, 'Only lower and compile the train step and '
-                                   'report the times (no steps run).')
+_FLOPS = flags.DEFINE_enum(
+  'flops',
+  'auto',
+  ['auto', 'xla', 'analytic'],
+  'FLOPs per step for MFU: analytic where the model has a count, else XLA.',
+)
+_PHASE = flags.DEFINE_string(
+  'phase', None, 'Phase to time for models with config.phases (default: the last).'
+)
+_COMPILE_ONLY = flags.DEFINE_bool(
+  'compile_only', False, 'Only lower and compile the train step and report the times (no steps run).'
+)
 flags.mark_flags_as_required(['config'])
 
 # Analytic (train, score) FLOPs per image, for models whose steps XLA's cost analysis cannot see into.
@@ -66,8 +72,16 @@ def _compile(fn, *args):
   return lowered.compile(), t1 - t0, time.perf_counter() - t1
 
 
-def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flops_source: str = 'auto',
-            phase: str | None = None, compile_only: bool = False) -> dict:
+def measure(
+  config,
+  batch_size: int,
+  steps: int,
+  repeats: int,
+  warmup: int,
+  flops_source: str = 'auto',
+  phase: str | None = None,
+  compile_only: bool = False,
+) -> dict:
   """The JSON record of one model (see the module docstring); only compile times if `compile_only`."""
   jax.config.update('jax_threefry_partitionable', True)
   config.batch_size = config.eval_batch_size = batch_size
@@ -80,16 +94,19 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
 
   rng = np.random.default_rng(config.seed)
   size, channels = config.dataset.image_size, config.dataset.channels
-  images = {'image': rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32),
-            'label': np.zeros(batch_size, np.int32),
-            'mask': np.zeros((batch_size, size, size), np.uint8),
-            'index': np.arange(batch_size, dtype=np.int32)}
+  images = {
+    'image': rng.uniform(0, 1, (batch_size, size, size, channels)).astype(np.float32),
+    'label': np.zeros(batch_size, np.int32),
+    'mask': np.zeros((batch_size, size, size), np.uint8),
+    'index': np.arange(batch_size, dtype=np.int32),
+  }
   source = pipeline.ArraySource(images, name='throughput-synthetic')
   cached = bool(model.cached_keys) and pipeline.augmentation(config) is None
   if cached:  # As train.train: the step reads the frozen backbone's cached outputs.
     source = train.precompute_source(model, frozen, source, config, mesh)
-  it = pipeline.train_iterator(source, config, process_index=jax.process_index(),
-                               process_count=jax.process_count())
+  it = pipeline.train_iterator(
+    source, config, process_index=jax.process_index(), process_count=jax.process_count()
+  )
   batch = {k: v for k, v in next(it).items() if k not in train._EVAL_ONLY_KEYS}
   batch = parallel.shard_batch(batch, mesh)
   example = {k: v[None] for k, v in source[0].items() if k not in train._EVAL_ONLY_KEYS}
@@ -99,13 +116,20 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
 
   schedule = train.phase_schedule(config, batch_size)
   phase = phase or schedule[-1][0]
-  step, lower_s, xla_compile_s = _compile(train.make_train_step(model, mesh, phase),
-                                          run_state, batch, frozen, train_key)
-  compiled = {'model': config.model.name, 'device_kind': jax.devices()[0].device_kind,
-              'batch': batch_size, 'phase': phase, 'compile_s': lower_s + xla_compile_s,
-              'lower_s': lower_s, 'xla_compile_s': xla_compile_s,
-              'compilation_cache_dir': jax.config.jax_compilation_cache_dir,
-              'jax_version': jax.__version__}
+  step, lower_s, xla_compile_s = _compile(
+    train.make_train_step(model, mesh, phase), run_state, batch, frozen, train_key
+  )
+  compiled = {
+    'model': config.model.name,
+    'device_kind': jax.devices()[0].device_kind,
+    'batch': batch_size,
+    'phase': phase,
+    'compile_s': lower_s + xla_compile_s,
+    'lower_s': lower_s,
+    'xla_compile_s': xla_compile_s,
+    'compilation_cache_dir': jax.config.jax_compilation_cache_dir,
+    'jax_version': jax.__version__,
+  }
   if compile_only:
     return compiled
   state = run_state
@@ -114,6 +138,7 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
     nonlocal state
     state, metrics = step(state, batch, frozen, train_key)
     return metrics
+
   for _ in range(warmup):
     jax.block_until_ready(train_once())
   train_s = perf.median_seconds(train_once, steps, repeats)
@@ -146,20 +171,30 @@ def measure(config, batch_size: int, steps: int, repeats: int, warmup: int, flop
   peak = perf.peak_flops(device.device_kind, dtype)
   n = jax.device_count()
   return {
-      **compiled, 'platform': device.platform, 'num_devices': n, 'dtype': dtype,
-      'attention_implementation': config.get('attention_implementation'), 'cached_features': cached,
-      'train_img_per_s': batch_size / train_s, 'infer_img_per_s': batch_size / infer_s,
-      'train_step_ms': 1e3 * train_s, 'infer_step_ms': 1e3 * infer_s,
-      'infer_compile_s': sum(score_times),
-      'peak_memory_bytes': _peak_memory(),
-      'flops_source': 'analytic' if use_analytic else 'xla',
-      'train_flops_per_step': train_flops, 'infer_flops_per_step': infer_flops,
-      'train_flops_per_step_xla': xla_train, 'infer_flops_per_step_xla': xla_infer,
-      'train_flops_per_step_analytic': analytic_train, 'infer_flops_per_step_analytic': analytic_infer,
-      'peak_flops_per_device': peak,
-      'train_mfu': perf.mfu(train_flops, train_s, peak, n),
-      'infer_mfu': perf.mfu(infer_flops, infer_s, peak, n),
-      'steps': steps, 'repeats': repeats,
+    **compiled,
+    'platform': device.platform,
+    'num_devices': n,
+    'dtype': dtype,
+    'attention_implementation': config.get('attention_implementation'),
+    'cached_features': cached,
+    'train_img_per_s': batch_size / train_s,
+    'infer_img_per_s': batch_size / infer_s,
+    'train_step_ms': 1e3 * train_s,
+    'infer_step_ms': 1e3 * infer_s,
+    'infer_compile_s': sum(score_times),
+    'peak_memory_bytes': _peak_memory(),
+    'flops_source': 'analytic' if use_analytic else 'xla',
+    'train_flops_per_step': train_flops,
+    'infer_flops_per_step': infer_flops,
+    'train_flops_per_step_xla': xla_train,
+    'infer_flops_per_step_xla': xla_infer,
+    'train_flops_per_step_analytic': analytic_train,
+    'infer_flops_per_step_analytic': analytic_infer,
+    'peak_flops_per_device': peak,
+    'train_mfu': perf.mfu(train_flops, train_s, peak, n),
+    'infer_mfu': perf.mfu(infer_flops, infer_s, peak, n),
+    'steps': steps,
+    'repeats': repeats,
   }
 
 
@@ -167,8 +202,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  record = measure(config, _BATCH.value or config.batch_size, _STEPS.value, _REPEATS.value,
-                   _WARMUP.value, _FLOPS.value, _PHASE.value, _COMPILE_ONLY.value)
+  record = measure(
+    config,
+    _BATCH.value or config.batch_size,
+    _STEPS.value,
+    _REPEATS.value,
+    _WARMUP.value,
+    _FLOPS.value,
+    _PHASE.value,
+    _COMPILE_ONLY.value,
+  )
   record = {'config': config_flags.get_config_filename(flags.FLAGS['config']), **record}
   if jax.process_index() == 0:
     print(json.dumps(record), flush=True)

@@ -50,8 +50,15 @@ def main():
     real = jax.random.uniform(jax.random.key(0), (b, s, s, c.dataset.channels))
     images = jnp.concatenate([real, real, real])  # D sees the reals and both reconstructions.
     cfg = c.mvg
-    disc = mask_vitgan.ToMeDiscriminator(cfg.disc_patch_size, cfg.disc_width, cfg.disc_depth,
-                                         cfg.disc_num_heads, cfg.disc_feature_dim, r, cfg.mlp_ratio)
+    disc = mask_vitgan.ToMeDiscriminator(
+      cfg.disc_patch_size,
+      cfg.disc_width,
+      cfg.disc_depth,
+      cfg.disc_num_heads,
+      cfg.disc_feature_dim,
+      r,
+      cfg.mlp_ratio,
+    )
     params = disc.init(jax.random.key(1), real)['params']
     tx = optax.adamw(c.optimizer.learning_rate)
     opt_state = tx.init(params)
@@ -61,12 +68,14 @@ def main():
         logits, _ = disc.apply({'params': p}, images)
         labels = jnp.concatenate([jnp.ones(b), jnp.zeros(2 * b)])
         return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels))
+
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
       return optax.apply_updates(params, updates), opt_state, loss
 
     out['results'][f'r={r}'] = {
-        'tokens_per_block': tome.token_counts((s // cfg.disc_patch_size) ** 2, r, cfg.disc_depth)}
+      'tokens_per_block': tome.token_counts((s // cfg.disc_patch_size) ** 2, r, cfg.disc_depth)
+    }
     timed[(r, 'disc_step')] = (jax.jit(d_step), (params, opt_state))
     if not args.no_full:
       model = models.build(c, 100)
@@ -92,8 +101,13 @@ def main():
           if what[:-2] + '_all_s' in entry:  # Median of per-repetition ratios (robust to drift).
             pairs = zip(entry[what[:-2] + '_all_s'], base[what[:-2] + '_all_s'])
             entry[what[:-2] + '_paired_saving'] = 1.0 - statistics.median(t / t0 for t, t0 in pairs)
-  out['config'] = {'image_size': s, 'batch_size': b, 'disc_depth': cfg.disc_depth,
-                   'disc_width': cfg.disc_width, 'disc_patch_size': cfg.disc_patch_size}
+  out['config'] = {
+    'image_size': s,
+    'batch_size': b,
+    'disc_depth': cfg.disc_depth,
+    'disc_width': cfg.disc_width,
+    'disc_patch_size': cfg.disc_patch_size,
+  }
   print(json.dumps(out, indent=1))
 
 

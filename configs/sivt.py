@@ -1,7 +1,7 @@
 """SIVT: self-induction ViT feature reconstruction (sivt_self_induction_vit.txt).
 
-  configs/sivt.py        runs in minutes on a CPU on the embedded synthetic dataset.
-  configs/sivt.py:paper  the paper's protocol (Sec. IV-A): 256x256, EfficientNet-b4, P=2, N=4, width 240.
+configs/sivt.py        runs in minutes on a CPU on the embedded synthetic dataset.
+configs/sivt.py:paper  the paper's protocol (Sec. IV-A): 256x256, EfficientNet-b4, P=2, N=4, width 240.
 """
 
 import ml_collections
@@ -27,18 +27,18 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.backbone.cache_features = True  # Extract training features once (only when no augmentation).
 
   c.sivt = ml_collections.ConfigDict()
-  c.sivt.feature_size = 16        # Backbone maps are resized to feature_size^2 and concatenated (F).
-  c.sivt.patch_size = 2           # P: feature patch size of the token embedding.
-  c.sivt.num_subsets = 4          # N: disjoint induction subsets (Eq. 1).
-  c.sivt.width = 128              # D: token width (encoder and decoder).
-  c.sivt.encoder_depth = 4        # Transformer blocks of the encoder.
-  c.sivt.decoder_depth = 2        # Transformer blocks of the decoder.
-  c.sivt.num_heads = 4            # Attention heads (head dim = width / num_heads).
-  c.sivt.mlp_ratio = 4.0          # MLP hidden width / token width.
-  c.sivt.cosine_weight = 1.0      # lambda of Eq. 2 (L2 + lambda * (1 - cos)).
-  c.sivt.smoothing_sigma = 4.0    # Gaussian sigma (pixels at image_size) for the final map.
+  c.sivt.feature_size = 16  # Backbone maps are resized to feature_size^2 and concatenated (F).
+  c.sivt.patch_size = 2  # P: feature patch size of the token embedding.
+  c.sivt.num_subsets = 4  # N: disjoint induction subsets (Eq. 1).
+  c.sivt.width = 128  # D: token width (encoder and decoder).
+  c.sivt.encoder_depth = 4  # Transformer blocks of the encoder.
+  c.sivt.decoder_depth = 2  # Transformer blocks of the decoder.
+  c.sivt.num_heads = 4  # Attention heads (head dim = width / num_heads).
+  c.sivt.mlp_ratio = 4.0  # MLP hidden width / token width.
+  c.sivt.cosine_weight = 1.0  # lambda of Eq. 2 (L2 + lambda * (1 - cos)).
+  c.sivt.smoothing_sigma = 4.0  # Gaussian sigma (pixels at image_size) for the final map.
   c.sivt.test_partition_seed = 0  # Seed of the fixed induction partitions used at test time.
-  c.sivt.test_partitions = 1      # Fixed partitions whose anomaly maps are averaged at test time.
+  c.sivt.test_partitions = 1  # Fixed partitions whose anomaly maps are averaged at test time.
 
   if arg == 'paper':
     c.dataset.image_size = 256
@@ -48,8 +48,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 0
     c.optimizer.schedule = 'constant'
     c.backbone.arch = 'efficientnet_b4'
-    c.backbone.weights = ''        # Path of a ported timm efficientnet_b4 file (python -m jaxad.port).
-    c.sivt.feature_size = 32       # 32x32x272 features.
+    c.backbone.weights = ''  # Path of a ported timm efficientnet_b4 file (python -m jaxad.port).
+    c.sivt.feature_size = 32  # 32x32x272 features.
     c.sivt.width = 240
     c.sivt.encoder_depth = 12
     c.sivt.decoder_depth = 8

@@ -19,8 +19,8 @@ from configs import common
 def get_config(arg=None) -> ml_collections.ConfigDict:
   c = common.get_config()
   c.model.name = 'tmirn'
-  c.dataset.image_size = 64       # Must be a multiple of 32 (five stride-2 levels).
-  c.dataset.unified = True        # One model over all categories (per-category: see :paper).
+  c.dataset.image_size = 64  # Must be a multiple of 32 (five stride-2 levels).
+  c.dataset.unified = True  # One model over all categories (per-category: see :paper).
   c.batch_size = 16
   c.num_epochs = 8
   c.eval_batch_size = 32
@@ -30,42 +30,42 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.optimizer.kwargs = ml_collections.ConfigDict({'b1': 0.5, 'b2': 0.999})
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = 'cosine'
-  c.image_score = 'max_zscore'    # Map maximum after per-pixel standardisation against the training
-                                  # maps (not in the paper, which does not say how it scores images):
-                                  # image AUROC 53.2 -> 67.0 embedded, 64.8 -> 96.1 bottle (README).
+  c.image_score = 'max_zscore'  # Map maximum after per-pixel standardisation against the training
+  # maps (not in the paper, which does not say how it scores images):
+  # image AUROC 53.2 -> 67.0 embedded, 64.8 -> 96.1 bottle (README).
 
   c.tmirn = ml_collections.ConfigDict()
   # Architecture (G and D share the MTFE/MAFF layout).
-  c.tmirn.base_width = 8          # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
-  c.tmirn.disc_base_width = 8     # The discriminator's base width (the paper's D = its encoder).
-  c.tmirn.vit_depth = 1           # PVT blocks per ViT module (Fig. 5: two); 0 = conv only.
-  c.tmirn.disc_vit_depth = 0      # The discriminator's (paper: as G's). 0, a conv-only D, for CPU compile
-                                  # time: the gradient penalty differentiates D's three MTFEs twice.
-  c.tmirn.head_dim = 32           # Attention heads = channels // head_dim (at least 1).
-  c.tmirn.pool_tokens = 4         # K, V average-pooled with k = H // pool_tokens (Eq. 2-3).
-  c.tmirn.mlp_ratio = 4.0         # FFD hidden width / channels (Eq. 6).
-  c.tmirn.latent_dim = 64         # Width of the bottleneck's fully connected code (Fig. 8).
-  c.tmirn.num_skips = 1           # Skip connections from the deepest level up (Fig. 14: 1 is best).
-  c.tmirn.use_maff = True         # MAFF fusion (Eq. 9-11); False: one CBL per level (Table IV).
+  c.tmirn.base_width = 8  # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
+  c.tmirn.disc_base_width = 8  # The discriminator's base width (the paper's D = its encoder).
+  c.tmirn.vit_depth = 1  # PVT blocks per ViT module (Fig. 5: two); 0 = conv only.
+  c.tmirn.disc_vit_depth = 0  # The discriminator's (paper: as G's). 0, a conv-only D, for CPU compile
+  # time: the gradient penalty differentiates D's three MTFEs twice.
+  c.tmirn.head_dim = 32  # Attention heads = channels // head_dim (at least 1).
+  c.tmirn.pool_tokens = 4  # K, V average-pooled with k = H // pool_tokens (Eq. 2-3).
+  c.tmirn.mlp_ratio = 4.0  # FFD hidden width / channels (Eq. 6).
+  c.tmirn.latent_dim = 64  # Width of the bottleneck's fully connected code (Fig. 8).
+  c.tmirn.num_skips = 1  # Skip connections from the deepest level up (Fig. 14: 1 is best).
+  c.tmirn.use_maff = True  # MAFF fusion (Eq. 9-11); False: one CBL per level (Table IV).
   # Losses (Eq. 15-20).
   c.tmirn.loss_weights = (0.6, 0.3, 0.1)  # (omega_1 L_i, omega_2 L_f, omega_3 L_adv), Eq. 20.
   c.tmirn.soft_labels = (0.9, 0.1)  # D targets for real and reconstructed images (Eq. 15).
-  c.tmirn.gp_weight = 10.0        # lambda of the gradient penalty (Eq. 15).
-  c.tmirn.ssim_filter_size = 7    # SSIM window of L_i (Gaussian sigma 1.5; 11 at 224).
-  c.tmirn.l2_loss = 'norm'         # ||.||_2 of L_i, L_f (Eq. 17-18): 'norm' = per-sample Euclidean norm
-                                  # (its image gradient has the scale of D's, unit-norm under the GP);
-                                  # 'mse' = mean squared error (then L_adv outweighs L_i ~40x).
+  c.tmirn.gp_weight = 10.0  # lambda of the gradient penalty (Eq. 15).
+  c.tmirn.ssim_filter_size = 7  # SSIM window of L_i (Gaussian sigma 1.5; 11 at 224).
+  c.tmirn.l2_loss = 'norm'  # ||.||_2 of L_i, L_f (Eq. 17-18): 'norm' = per-sample Euclidean norm
+  # (its image gradient has the scale of D's, unit-norm under the GP);
+  # 'mse' = mean squared error (then L_adv outweighs L_i ~40x).
   c.tmirn.feature_loss_stop_gradient = True  # L_f trains the decoder towards fixed encoder features.
   # Anomaly score (Eq. 12-14).
   c.tmirn.scale_weights = (0.5, 0.3, 0.2)  # lambda_x for (large, medium, small), summing to 1.
-  c.tmirn.score_parts = 'both'    # 'both' S_i * S_f, 'image' S_i, 'feature' S_f (Table VI).
+  c.tmirn.score_parts = 'both'  # 'both' S_i * S_f, 'image' S_i, 'feature' S_f (Table VI).
   c.tmirn.smooth_kernels = (3, 5, 7)  # Mean-pool kernels of the S_f smoothing (Fig. 9); () = off.
   c.tmirn.image_smoothing_sigma = 1.0  # Gaussian sigma (pixels at image_size) denoising S_i.
 
   if arg == 'paper':
     c.dataset.image_size = 224
-    c.dataset.unified = False     # One model per category.
-    c.batch_size = 16             # Not given in the paper.
+    c.dataset.unified = False  # One model per category.
+    c.batch_size = 16  # Not given in the paper.
     c.eval_batch_size = 16
     c.num_epochs = 200
     c.log_every = 50
@@ -73,7 +73,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optimizer.learning_rate = 2e-4
     c.optimizer.warmup_steps = 0
     c.optimizer.schedule = 'constant'
-    c.image_score = 'model'       # The map's maximum.
+    c.image_score = 'model'  # The map's maximum.
     c.augment.hflip = True
     c.augment.vflip = True
     c.augment.rotate = 10.0
@@ -81,8 +81,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.tmirn.disc_base_width = 32
     c.tmirn.vit_depth = 2
     c.tmirn.disc_vit_depth = 2
-    c.tmirn.pool_tokens = 7       # K, V pooled to 7x7 (PVTv2-li).
-    c.tmirn.latent_dim = 256      # Not given in the paper.
+    c.tmirn.pool_tokens = 7  # K, V pooled to 7x7 (PVTv2-li).
+    c.tmirn.latent_dim = 256  # Not given in the paper.
     c.tmirn.ssim_filter_size = 11
     c.tmirn.image_smoothing_sigma = 4.0
   elif arg:

@@ -16,10 +16,10 @@ import ml_collections
 from configs import common
 
 _ABLATIONS = {  # Table 6 rows: (use_memory, use_coord_attention).
-    'base': (False, False),
-    'mem': (True, False),
-    'ca': (False, True),
-    'full': (True, True),
+  'base': (False, False),
+  'mem': (True, False),
+  'ca': (False, True),
+  'full': (True, True),
 }
 
 
@@ -28,7 +28,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = common.get_config()
   c.model.name = 'vit_memae'
   c.dataset.image_size = 128
-  c.dataset.unified = False       # One model per category, as in the paper.
+  c.dataset.unified = False  # One model per category, as in the paper.
   c.batch_size = 8
   c.num_epochs = 20
   c.eval_batch_size = 16
@@ -40,26 +40,26 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.optimizer.schedule = 'cosine'
 
   c.vit_memae = ml_collections.ConfigDict()
-  c.vit_memae.patch_size = 16     # P: patch size; a power of two (the decoder doubles log2(P) times).
-  c.vit_memae.width = 128         # D: token width = memory item width C.
-  c.vit_memae.depth = 4           # L: Transformer blocks of the encoder.
-  c.vit_memae.num_heads = 4       # Attention heads.
-  c.vit_memae.mlp_ratio = 4.0     # MLP hidden width / D.
-  c.vit_memae.use_memory = True   # Table 6 "M": memory module between encoder and decoder.
-  c.vit_memae.num_memory = 100    # N: memory items (not given in the paper; MemAE uses 100 for images).
+  c.vit_memae.patch_size = 16  # P: patch size; a power of two (the decoder doubles log2(P) times).
+  c.vit_memae.width = 128  # D: token width = memory item width C.
+  c.vit_memae.depth = 4  # L: Transformer blocks of the encoder.
+  c.vit_memae.num_heads = 4  # Attention heads.
+  c.vit_memae.mlp_ratio = 4.0  # MLP hidden width / D.
+  c.vit_memae.use_memory = True  # Table 6 "M": memory module between encoder and decoder.
+  c.vit_memae.num_memory = 100  # N: memory items (not given in the paper; MemAE uses 100 for images).
   c.vit_memae.shrink_scale = 1.0  # Hard-shrinkage threshold lambda = shrink_scale / N (Eq. 10: 1/N); 0 = off.
   c.vit_memae.memory_temperature = 1.0  # Softmax over cos / temperature (Eq. 8: 1).
   c.vit_memae.use_coord_attention = True  # Table 6 "CA": coordinate attention after the memory.
-  c.vit_memae.ca_reduction = 32   # CA hidden width = max(8, D // reduction) (Hou et al. default).
+  c.vit_memae.ca_reduction = 32  # CA hidden width = max(8, D // reduction) (Hou et al. default).
   c.vit_memae.decoder_channels = (128, 128, 64, 32, 32, 16)  # Six transposed-conv stages (Sec. 3.4).
   # Stage strides (1: 3x3 kernel, 2: 4x4, doubling the map); their product must be patch_size. The
   # paper gives no order: size-keeping stages first is ~3x cheaper on CPU than last (at full size).
   c.vit_memae.decoder_strides = (1, 1, 2, 2, 2, 2)
   c.vit_memae.lambda_recon = 1.0  # Eq. 15 weight of the reconstruction loss.
-  c.vit_memae.lambda_ssim = 1.0   # Eq. 13 lambda of the block-SSIM term (the paper gives no value).
+  c.vit_memae.lambda_ssim = 1.0  # Eq. 13 lambda of the block-SSIM term (the paper gives no value).
   c.vit_memae.lambda_ent = 0.001  # Eq. 15 weight of the addressing-weight entropy (Eq. 14).
   c.vit_memae.ssim_filter_size = 11  # SSIM window (Gaussian, dm-pix / skimage default).
-  c.vit_memae.ssim_sigma = 1.5    # SSIM Gaussian sigma.
+  c.vit_memae.ssim_sigma = 1.5  # SSIM Gaussian sigma.
   c.vit_memae.map_ssim_weight = 1.0  # Anomaly map = squared error + weight * (1 - SSIM); 0: L2 only.
   c.vit_memae.smoothing_sigma = 4.0  # Gaussian sigma (pixels at image_size) of the final map.
 
@@ -74,15 +74,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optimizer.schedule = 'constant'
     c.vit_memae.width = 768
     c.vit_memae.num_heads = 8
-    c.vit_memae.depth = 8          # Not given in the paper.
+    c.vit_memae.depth = 8  # Not given in the paper.
     c.vit_memae.num_memory = 2000  # Not given; MemAE's code default.
     c.vit_memae.decoder_channels = (512, 512, 256, 128, 64, 32)
     c.dataset.unified = False
     if variant == 'btad':
       c.dataset.name = 'folder'
-      c.dataset.root = ''          # The BTAD root (01/, 02/, 03/ with train/ok, test/ok|ko, ground_truth/ko).
+      c.dataset.root = ''  # The BTAD root (01/, 02/, 03/ with train/ok, test/ok|ko, ground_truth/ko).
       c.dataset.good_name = 'ok'
-      c.dataset.mask_suffix = ''   # ground_truth/ko/0000.png masks test/ko/0000.bmp.
+      c.dataset.mask_suffix = ''  # ground_truth/ko/0000.png masks test/ko/0000.bmp.
   elif variant:
     raise ValueError(f'Unknown vit_memae variant {variant!r}; expected "", "paper" or "btad".')
   for name in ablation:

@@ -51,8 +51,7 @@ def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) ->
   score_fn = score_fn or jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   source = pipeline.image_source(config, samples)
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
-  for (maps, scores), batch, n in map_in_order(lambda b: score_fn(state, b, frozen), source, config,
-                                               mesh):
+  for (maps, scores), batch, n in map_in_order(lambda b: score_fn(state, b, frozen), source, config, mesh):
     out['maps'].append(np.asarray(maps, np.float32)[:n])
     out['scores'].append(np.asarray(scores, np.float32)[:n])
     out['labels'].append(batch['label'][:n])
@@ -60,8 +59,16 @@ def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) ->
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def evaluate(config: ml_collections.ConfigDict, model, state, frozen, test_by_category: dict, mesh,
-             outdir: str, train_by_category: dict | None = None) -> dict:
+def evaluate(
+  config: ml_collections.ConfigDict,
+  model,
+  state,
+  frozen,
+  test_by_category: dict,
+  mesh,
+  outdir: str,
+  train_by_category: dict | None = None,
+) -> dict:
   """Per-category metrics of a trained model; heatmaps go to <outdir>/heatmaps/<category>/.
 
   With `config.image_score == 'max_zscore'` the image scores come from `max_zscore` against the maps
@@ -77,8 +84,9 @@ def evaluate(config: ml_collections.ConfigDict, model, state, frozen, test_by_ca
     if config.image_score == 'max_zscore':
       normal = score_samples(config, model, state, frozen, train_by_category[category], mesh, score_fn)
       scored['scores'] = max_zscore(scored['maps'], normal['maps'])
-    results[category] = metrics.compute_all(scored['scores'], scored['labels'], scored['maps'],
-                                            scored['masks'])
+    results[category] = metrics.compute_all(
+      scored['scores'], scored['labels'], scored['maps'], scored['masks']
+    )
     if jax.process_index() == 0 and config.num_heatmaps:
       write_heatmaps(os.path.join(outdir, 'heatmaps', category), samples, scored, config)
   return results
@@ -97,13 +105,17 @@ def write_results(workdir: str, per_category: dict, config: ml_collections.Confi
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
     json.dump({'model': config.model.name, 'categories': per_category, 'mean': mean}, f, indent=2)
-  rows = [f'| {c} | ' + ' | '.join(_pct(m.get(k)) for k in METRIC_NAMES) + ' |'
-          for c, m in [*per_category.items(), ('**mean**', mean)]]
+  rows = [
+    f'| {c} | ' + ' | '.join(_pct(m.get(k)) for k in METRIC_NAMES) + ' |'
+    for c, m in [*per_category.items(), ('**mean**', mean)]
+  ]
   header = '| category | ' + ' | '.join(METRIC_NAMES) + ' |'
   table = '\n'.join([header, '|' + '---|' * (len(METRIC_NAMES) + 1), *rows])
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(f'# {config.model.name} on {config.dataset.name} ({config.dataset.root or "default"})\n\n'
-            f'{table}\n\nAll numbers in percent.\n')
+    f.write(
+      f'# {config.model.name} on {config.dataset.name} ({config.dataset.root or "default"})\n\n'
+      f'{table}\n\nAll numbers in percent.\n'
+    )
   return mean
 
 
@@ -111,10 +123,12 @@ def _pct(value) -> str:
   return 'n/a' if value is None or not np.isfinite(value) else f'{100 * value:.1f}'
 
 
-def heatmap_panel(image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmin: float,
-                  vmax: float) -> np.ndarray:
+def heatmap_panel(
+  image: np.ndarray, mask: np.ndarray, amap: np.ndarray, vmin: float, vmax: float
+) -> np.ndarray:
   """uint8 [H, 3W, 3]: input | ground truth (red) | jet heatmap overlaid on the input."""
   import matplotlib
+
   rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
   gt = rgb * 0.5
   gt[mask > 0] = (1.0, 0.1, 0.1)

@@ -34,7 +34,7 @@ def _band(n: int, taps: np.ndarray) -> np.ndarray:
   """[n - len(taps) + 1, n] matrix whose product with a signal is the VALID correlation with taps."""
   out = np.zeros((n - len(taps) + 1, n), np.float32)
   for i in range(out.shape[0]):
-    out[i, i:i + len(taps)] = taps
+    out[i, i : i + len(taps)] = taps
   return out
 
 
@@ -55,9 +55,17 @@ def banded_gaussian_filter(filter_size: int, filter_sigma: float):
   return filter_fn
 
 
-def ssim_map(a: jax.Array, b: jax.Array, *, max_val: float = 1.0, filter_size: int = 11,
-             filter_sigma: float = 1.5, pad: str | None = 'reflect', k1: float = 0.01,
-             k2: float = 0.03) -> jax.Array:
+def ssim_map(
+  a: jax.Array,
+  b: jax.Array,
+  *,
+  max_val: float = 1.0,
+  filter_size: int = 11,
+  filter_sigma: float = 1.5,
+  pad: str | None = 'reflect',
+  k1: float = 0.01,
+  k2: float = 0.03,
+) -> jax.Array:
   """Local SSIM of two image batches [B, H, W, C], averaged over channels: [B, H', W'].
 
   pad: a `jnp.pad` mode ('reflect', 'symmetric', 'edge', ...) applied to both images before the
@@ -69,9 +77,17 @@ def ssim_map(a: jax.Array, b: jax.Array, *, max_val: float = 1.0, filter_size: i
     r = filter_size // 2
     widths = ((0, 0), (r, filter_size - 1 - r), (r, filter_size - 1 - r), (0, 0))
     a, b = jnp.pad(a, widths, mode=pad), jnp.pad(b, widths, mode=pad)
-  out = dm_pix.ssim(a, b, max_val=max_val, filter_size=filter_size, filter_sigma=filter_sigma,
-                    k1=k1, k2=k2, return_map=True,
-                    filter_fn=banded_gaussian_filter(filter_size, filter_sigma))
+  out = dm_pix.ssim(
+    a,
+    b,
+    max_val=max_val,
+    filter_size=filter_size,
+    filter_sigma=filter_sigma,
+    k1=k1,
+    k2=k2,
+    return_map=True,
+    filter_fn=banded_gaussian_filter(filter_size, filter_sigma),
+  )
   return jnp.mean(out, axis=-1)
 
 

@@ -16,22 +16,35 @@ import jaxad
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Model config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', None, 'host:port of process 0 for multi-process runs; TPU pods and Slurm '
-    'are detected without it.')
+  'coordinator_address',
+  None,
+  'host:port of process 0 for multi-process runs; TPU pods and Slurm are detected without it.',
+)
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process index (multi-process).')
 _DISTRIBUTED = flags.DEFINE_bool(
-    'distributed', False, 'Call jax.distributed.initialize() and let JAX detect the cluster (TPU pod '
-    'slices, Slurm, ...) where the environment alone does not show it (e.g. over ssh on a TPU VM).')
+  'distributed',
+  False,
+  'Call jax.distributed.initialize() and let JAX detect the cluster (TPU pod '
+  'slices, Slurm, ...) where the environment alone does not show it (e.g. over ssh on a TPU VM).',
+)
 _COMPILATION_CACHE = flags.DEFINE_string(
-    'compilation_cache_dir', None, 'JAX persistent compilation cache. Default: '
-    '$JAX_COMPILATION_CACHE_DIR if set, else <$JAXAD_CACHE or ~/.cache/jaxad>/xla; "none": off.')
+  'compilation_cache_dir',
+  None,
+  'JAX persistent compilation cache. Default: '
+  '$JAX_COMPILATION_CACHE_DIR if set, else <$JAXAD_CACHE or ~/.cache/jaxad>/xla; "none": off.',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _wants_distributed() -> bool:
-  return bool(_DISTRIBUTED.value or _COORDINATOR.value or 'SLURM_JOB_ID' in os.environ and int(
-      os.environ.get('SLURM_NTASKS', '1')) > 1 or 'TPU_WORKER_HOSTNAMES' in os.environ)
+  return bool(
+    _DISTRIBUTED.value
+    or _COORDINATOR.value
+    or 'SLURM_JOB_ID' in os.environ
+    and int(os.environ.get('SLURM_NTASKS', '1')) > 1
+    or 'TPU_WORKER_HOSTNAMES' in os.environ
+  )
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -39,7 +52,8 @@ class _QuietLibraries(std_logging.Filter):
 
   def filter(self, record):
     return record.levelno >= std_logging.WARNING or not any(
-        f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'array_record'))
+      f'/{lib}/' in record.pathname for lib in ('orbax', 'grain', 'array_record')
+    )
 
 
 def _enable_compilation_cache(jax) -> None:
@@ -60,13 +74,14 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax
+
   jax.config.update('jax_threefry_partitionable', True)
   if _wants_distributed():
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   _enable_compilation_cache(jax)
-  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
+  logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices())
   from jaxad import train
+
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.Preempted as e:

@@ -9,6 +9,7 @@ from flax.training import train_state
 
 class TrainState(train_state.TrainState):
   """flax TrainState plus BatchNorm running statistics, for models with BatchNorm layers."""
+
   batch_stats: dict
 
 
@@ -37,8 +38,8 @@ def apply_gradients(state: train_state.TrainState, grads, prefix: str = ''):
   """`state.apply_gradients` plus the gradient and parameter global norms for the log."""
   new_state = state.apply_gradients(grads=grads)
   norms = {
-      f'{prefix}grad_norm': optax.tree.norm(grads),
-      f'{prefix}param_norm': optax.tree.norm(new_state.params),
+    f'{prefix}grad_norm': optax.tree.norm(grads),
+    f'{prefix}param_norm': optax.tree.norm(new_state.params),
   }
   return new_state, norms
 

@@ -2,7 +2,8 @@
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def make_mesh() -> Mesh:
@@ -27,14 +28,13 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = 'batch_size') ->
 def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
   """Global arrays from this process's slice of every global batch (multi-host ready)."""
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 
 def local_rows(batch: dict, process_index: int, process_count: int) -> dict:
   """This process's contiguous slice of a global batch that every process holds."""
   n = len(next(iter(batch.values()))) // process_count
-  return {k: v[process_index * n:(process_index + 1) * n] for k, v in batch.items()}
+  return {k: v[process_index * n : (process_index + 1) * n] for k, v in batch.items()}
 
 
 def replicate(tree, mesh: Mesh):
@@ -55,4 +55,5 @@ def gather(x: jax.Array) -> np.ndarray:
   if jax.process_count() == 1:
     return np.asarray(x)
   from jax.experimental import multihost_utils
+
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -15,14 +15,14 @@ from jaxad.models import backbones
 # H200 datasheet (SXM: 989 / 494, the H100 SXM's compute), NVIDIA A100 datasheet (312 / 156),
 # Google Cloud TPU system architecture pages (per chip bf16: v4 275 TF, v5e 197 TF, v5p 459 TF).
 _PEAK_TFLOPS = (  # (lower-case substring of device_kind, {dtype: TFLOP/s}); first match wins.
-    ('h100 pcie', {'bfloat16': 756.0, 'float32': 378.0}),
-    ('h100', {'bfloat16': 989.4, 'float32': 494.7}),
-    ('h200', {'bfloat16': 989.4, 'float32': 494.7}),
-    ('a100', {'bfloat16': 312.0, 'float32': 156.0}),
-    ('tpu v4', {'bfloat16': 275.0, 'float32': 275.0}),
-    ('tpu v5 lite', {'bfloat16': 197.0, 'float32': 197.0}),
-    ('tpu v5e', {'bfloat16': 197.0, 'float32': 197.0}),
-    ('tpu v5', {'bfloat16': 459.0, 'float32': 459.0}),  # v5p reports 'TPU v5' (or 'TPU v5p').
+  ('h100 pcie', {'bfloat16': 756.0, 'float32': 378.0}),
+  ('h100', {'bfloat16': 989.4, 'float32': 494.7}),
+  ('h200', {'bfloat16': 989.4, 'float32': 494.7}),
+  ('a100', {'bfloat16': 312.0, 'float32': 156.0}),
+  ('tpu v4', {'bfloat16': 275.0, 'float32': 275.0}),
+  ('tpu v5 lite', {'bfloat16': 197.0, 'float32': 197.0}),
+  ('tpu v5e', {'bfloat16': 197.0, 'float32': 197.0}),
+  ('tpu v5', {'bfloat16': 459.0, 'float32': 459.0}),  # v5p reports 'TPU v5' (or 'TPU v5p').
 )
 
 
@@ -44,8 +44,9 @@ def xla_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-def mfu(flops_per_step: float | None, step_seconds: float, peak_per_device: float | None,
-        num_devices: int = 1) -> float | None:
+def mfu(
+  flops_per_step: float | None, step_seconds: float, peak_per_device: float | None, num_devices: int = 1
+) -> float | None:
   """Model FLOPs utilisation: (FLOPs per step / step time) / (peak FLOP/s of all devices)."""
   if not flops_per_step or not peak_per_device:
     return None

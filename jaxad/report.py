@@ -23,8 +23,9 @@ def collect(sweep_dir: str) -> tuple[dict, list[dict]]:
     sweep = json.load(f)
   rows = {}
   for run in sweep['runs']:
-    row = rows.setdefault(run['point'], {'point': run['point'], 'overrides': run['overrides'],
-                                         'seeds': [], 'values': {}})
+    row = rows.setdefault(
+      run['point'], {'point': run['point'], 'overrides': run['overrides'], 'seeds': [], 'values': {}}
+    )
     path = os.path.join(sweep_dir, run['dir'], 'metrics.json')
     if not os.path.exists(path):
       continue
@@ -46,14 +47,20 @@ def write_csv(path: str, fields: list[str], rows: list[dict], metrics: list[str]
     w = csv.writer(f)
     w.writerow(['point', *fields, 'num_seeds', *(f'{m}_{s}' for m in metrics for s in ('mean', 'std'))])
     for r in rows:
-      stats = [x for m in metrics for x in mean_std(r['values'][m])] if r['seeds'] else \
-          [float('nan')] * 2 * len(metrics)
+      stats = (
+        [x for m in metrics for x in mean_std(r['values'][m])]
+        if r['seeds']
+        else [float('nan')] * 2 * len(metrics)
+      )
       w.writerow([r['point'], *(r['overrides'].get(k, '') for k in fields), len(r['seeds']), *stats])
 
 
 def markdown(fields: list[str], rows: list[dict], metrics: list[str], main_metric: str) -> str:
   names = [f'**{m}**' if m == main_metric else m for m in metrics]
-  lines = ['| ' + ' | '.join([*fields, 'seeds', *names]) + ' |', '|' + '---|' * (len(fields) + 1 + len(metrics))]
+  lines = [
+    '| ' + ' | '.join([*fields, 'seeds', *names]) + ' |',
+    '|' + '---|' * (len(fields) + 1 + len(metrics)),
+  ]
   for r in rows:
     cells = []
     for m in metrics:
@@ -61,18 +68,28 @@ def markdown(fields: list[str], rows: list[dict], metrics: list[str], main_metri
         cells.append('—')
         continue
       mu, sd = mean_std(r['values'][m])
-      cells.append('n/a' if not np.isfinite(mu) else
-                   f'{100 * mu:.1f} ± {100 * sd:.1f}' if np.isfinite(sd) else f'{100 * mu:.1f}')
-    lines.append('| ' + ' | '.join([*(str(r['overrides'].get(k, '')) for k in fields),
-                                    str(len(r['seeds'])), *cells]) + ' |')
+      cells.append(
+        'n/a'
+        if not np.isfinite(mu)
+        else f'{100 * mu:.1f} ± {100 * sd:.1f}'
+        if np.isfinite(sd)
+        else f'{100 * mu:.1f}'
+      )
+    lines.append(
+      '| '
+      + ' | '.join([*(str(r['overrides'].get(k, '')) for k in fields), str(len(r['seeds'])), *cells])
+      + ' |'
+    )
   return '\n'.join(lines)
 
 
 def plot(path: str, fields: list[str], rows: list[dict], metric: str):
   """`metric` (mean +/- std) against the first field; one line per combination of the other fields."""
   import matplotlib
+
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
+
   x_field = fields[0] if fields else 'point'
   xs = list(dict.fromkeys(str(r['overrides'].get(x_field, r['point'])) for r in rows))
   lines = {}
@@ -80,8 +97,9 @@ def plot(path: str, fields: list[str], rows: list[dict], metric: str):
     if r['seeds']:
       label = ', '.join(f'{k}={r["overrides"][k]}' for k in fields[1:] if k in r['overrides'])
       mu, sd = mean_std(r['values'][metric])
-      lines.setdefault(label, []).append((xs.index(str(r['overrides'].get(x_field, r['point']))), mu,
-                                          0.0 if np.isnan(sd) else sd))
+      lines.setdefault(label, []).append(
+        (xs.index(str(r['overrides'].get(x_field, r['point']))), mu, 0.0 if np.isnan(sd) else sd)
+      )
   fig, ax = plt.subplots(figsize=(6, 4))
   for label, pts in lines.items():
     pos, mu, sd = np.asarray(pts).T
@@ -105,8 +123,10 @@ def report(sweep_dir: str, main_metric: str = 'image_auroc') -> str:
   if main_metric not in found:
     raise ValueError(f'No finished run reports {main_metric!r} (found: {sorted(found)}).')
   table = markdown(fields, rows, metrics, main_metric)
-  text = (f'# Sweep {sweep["sweep"]} over {sweep["config"]}\n\n{table}\n\nMean ± sample std (ddof=1) '
-          f'over seeds, in percent; each run\'s value is its mean over categories.\n')
+  text = (
+    f'# Sweep {sweep["sweep"]} over {sweep["config"]}\n\n{table}\n\nMean ± sample std (ddof=1) '
+    f"over seeds, in percent; each run's value is its mean over categories.\n"
+  )
   with open(os.path.join(sweep_dir, 'report.md'), 'w') as f:
     f.write(text)
   write_csv(os.path.join(sweep_dir, 'report.csv'), fields, rows, metrics)

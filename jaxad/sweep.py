@@ -29,9 +29,11 @@ _SEEDS = flags.DEFINE_integer('seeds', 1, 'Runs per point, with config.seed = 0 
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', ['local', 'print', 'slurm'], 'Where runs go.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at the same time.')
 _OVERRIDE = flags.DEFINE_multi_string(
-    'override', [], 'field=value applied to every point (e.g. dataset.root=/data/mvtec).')
+  'override', [], 'field=value applied to every point (e.g. dataset.root=/data/mvtec).'
+)
 _SBATCH = flags.DEFINE_multi_string(
-    'sbatch', [], 'slurm: extra #SBATCH options, e.g. --sbatch=--gres=gpu:1 --sbatch=--time=4:00:00.')
+  'sbatch', [], 'slurm: extra #SBATCH options, e.g. --sbatch=--gres=gpu:1 --sbatch=--time=4:00:00.'
+)
 flags.mark_flags_as_required(['config', 'sweep'])
 
 
@@ -88,9 +90,23 @@ def plan(config_arg: str, points: list[dict], seeds: int, workdir: str, base: di
     for seed in range(seeds):
       run_dir = os.path.join(workdir, name, f'seed_{seed}')
       values = {**base, **{k: format_value(v) for k, v in overrides.items()}, 'seed': str(seed)}
-      runs.append({'point': name, 'overrides': overrides, 'seed': seed, 'workdir': run_dir,
-                   'args': ['-m', 'jaxad.main', '--config', config_arg, '--workdir', run_dir,
-                            *(f'--config.{k}={v}' for k, v in values.items())]})
+      runs.append(
+        {
+          'point': name,
+          'overrides': overrides,
+          'seed': seed,
+          'workdir': run_dir,
+          'args': [
+            '-m',
+            'jaxad.main',
+            '--config',
+            config_arg,
+            '--workdir',
+            run_dir,
+            *(f'--config.{k}={v}' for k, v in values.items()),
+          ],
+        }
+      )
   return runs
 
 
@@ -107,12 +123,14 @@ def _run_local(run: dict) -> int:
 def slurm_script(runs: list[dict], workdir: str, options: list[str]) -> str:
   commands = '\n'.join('  ' + shlex.quote(shlex.join(['python', *r['args']])) for r in runs)
   directives = '\n'.join(f'#SBATCH {o}' for o in options)
-  return (f'#!/bin/bash\n#SBATCH --job-name=jaxad-sweep\n#SBATCH --array=0-{len(runs) - 1}\n'
-          f'#SBATCH --chdir={os.getcwd()}\n#SBATCH --output={os.path.abspath(workdir)}/slurm-%A_%a.out\n'
-          f'{directives}\n'
-          f'# One task per pending run of the sweep (written by python -m jaxad.sweep).\n'
-          f'set -euo pipefail\nCOMMANDS=(\n{commands}\n)\n'
-          f'eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}"\n')
+  return (
+    f'#!/bin/bash\n#SBATCH --job-name=jaxad-sweep\n#SBATCH --array=0-{len(runs) - 1}\n'
+    f'#SBATCH --chdir={os.getcwd()}\n#SBATCH --output={os.path.abspath(workdir)}/slurm-%A_%a.out\n'
+    f'{directives}\n'
+    f'# One task per pending run of the sweep (written by python -m jaxad.sweep).\n'
+    f'set -euo pipefail\nCOMMANDS=(\n{commands}\n)\n'
+    f'eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}"\n'
+  )
 
 
 def main(argv):
@@ -126,18 +144,37 @@ def main(argv):
   for p in points:
     check_fields(config, p, _SWEEP.value)
   workdir = _WORKDIR.value or os.path.join(
-      'runs', 'sweeps', os.path.splitext(os.path.basename(_SWEEP.value.partition(':')[0]))[0])
+    'runs', 'sweeps', os.path.splitext(os.path.basename(_SWEEP.value.partition(':')[0]))[0]
+  )
   runs = plan(_CONFIG.value, points, _SEEDS.value, workdir, base)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump({'config': _CONFIG.value, 'sweep': _SWEEP.value, 'seeds': _SEEDS.value, 'base': base,
-               'fields': list(dict.fromkeys(k for p in points for k in p)),
-               'runs': [{'point': r['point'], 'overrides': r['overrides'], 'seed': r['seed'],
-                         'dir': os.path.relpath(r['workdir'], workdir)} for r in runs]},
-              f, indent=2)
+    json.dump(
+      {
+        'config': _CONFIG.value,
+        'sweep': _SWEEP.value,
+        'seeds': _SEEDS.value,
+        'base': base,
+        'fields': list(dict.fromkeys(k for p in points for k in p)),
+        'runs': [
+          {
+            'point': r['point'],
+            'overrides': r['overrides'],
+            'seed': r['seed'],
+            'dir': os.path.relpath(r['workdir'], workdir),
+          }
+          for r in runs
+        ],
+      },
+      f,
+      indent=2,
+    )
   pending = [r for r in runs if not finished(r)]
-  print(f'{len(runs)} runs ({len(points)} points x {_SEEDS.value} seeds), {len(runs) - len(pending)} '
-        f'finished, {len(pending)} to run.', file=sys.stderr)
+  print(
+    f'{len(runs)} runs ({len(points)} points x {_SEEDS.value} seeds), {len(runs) - len(pending)} '
+    f'finished, {len(pending)} to run.',
+    file=sys.stderr,
+  )
   if not pending:
     return
   if _EXECUTOR.value == 'print':

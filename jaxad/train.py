@@ -58,7 +58,7 @@ class TrainingDiverged(FloatingPointError):
 @flax.struct.dataclass
 class RunState:
   step: jax.Array  # Number of completed training steps (int32 scalar).
-  model: Any       # The model's state pytree.
+  model: Any  # The model's state pytree.
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,8 +78,12 @@ def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
   fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
   parts = {k: [] for k in model.cached_keys}
   batches = evaluate.map_in_order(lambda b: fn(b, frozen), source, config, mesh)
-  for out, _, n in tqdm(batches, total=-(-len(source) // config.eval_batch_size),
-                        desc='caching features', disable=jax.process_index() != 0):
+  for out, _, n in tqdm(
+    batches,
+    total=-(-len(source) // config.eval_batch_size),
+    desc='caching features',
+    disable=jax.process_index() != 0,
+  ):
     for k in parts:
       parts[k].append(np.asarray(out[k])[:n])
   return pipeline.ArraySource({k: np.concatenate(v) for k, v in parts.items()}, name=repr(source))
@@ -95,8 +99,10 @@ def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
   if not phases:
     return [(None, total)]
   if sum(e for _, e in phases) != config.num_epochs:
-    raise ValueError(f'config.phases {phases} must add up to num_epochs={config.num_epochs}; set '
-                     f'--config.num_epochs={sum(e for _, e in phases)}.')
+    raise ValueError(
+      f'config.phases {phases} must add up to num_epochs={config.num_epochs}; set '
+      f'--config.num_epochs={sum(e for _, e in phases)}.'
+    )
   ends = np.floor(num_examples * np.cumsum([e for _, e in phases]) / config.batch_size).astype(int)
   return [(name, int(end)) for (name, _), end in zip(phases, ends)]
 
@@ -116,26 +122,37 @@ def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
     state, metrics = model.train_step(run_state.model, batch, rng, frozen, **kwargs)
     metrics = {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
     return RunState(run_state.step + 1, state), metrics
+
   repl = parallel.replicated(mesh)
   return jax.jit(step, donate_argnums=0, out_shardings=(repl, repl))
 
 
 def init_run_state(model: models.AnomalyModel, example: dict, frozen, mesh, init_key) -> RunState:
   def init(batch, frozen, init_key_data):
-    return RunState(jnp.zeros((), jnp.int32),
-                    model.init(jax.random.wrap_key_data(init_key_data), batch, frozen))
+    return RunState(
+      jnp.zeros((), jnp.int32), model.init(jax.random.wrap_key_data(init_key_data), batch, frozen)
+    )
+
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(
-      example, frozen, parallel.replicate_key(init_key, mesh))
+    example, frozen, parallel.replicate_key(init_key, mesh)
+  )
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True))
+    os.path.abspath(os.path.join(workdir, 'checkpoints')),
+    options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True),
+  )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, eval_fn=None,
-          stop_after: int | None = None) -> tuple[models.AnomalyModel, Any, Any]:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  train_samples,
+  mesh,
+  eval_fn=None,
+  stop_after: int | None = None,
+) -> tuple[models.AnomalyModel, Any, Any]:
   """Trains (or resumes) one model on `train_samples`; returns (model, model state, frozen).
 
   `stop_after`: end (with a checkpoint) after this many total steps, as a preempted run would.
@@ -165,15 +182,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
   latest = mngr.latest_step()
   if latest is not None:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, run_state)
-    restored = mngr.restore(latest, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(it)))
+    restored = mngr.restore(
+      latest,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(it)
+      ),
+    )
     run_state = restored.state
     logging.info('Resumed from step %d in %s', latest, mngr.directory)
   start = int(run_state.step)
 
   def save(step):
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(run_state), data=grain.checkpoint.CheckpointSave(it)))
+    mngr.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(run_state), data=grain.checkpoint.CheckpointSave(it)
+      ),
+    )
 
   schedule = phase_schedule(config, len(train_samples))
   train_steps = {name: make_train_step(model, mesh, name) for name, _ in schedule}
@@ -189,8 +214,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
     if bad:
       mngr.wait_until_finished()
       raise TrainingDiverged(
-          f'Non-finite {bad} at step {step}; training stopped. Last good checkpoint: step '
-          f'{mngr.latest_step()} in {mngr.directory}.')
+        f'Non-finite {bad} at step {step}; training stopped. Last good checkpoint: step '
+        f'{mngr.latest_step()} in {mngr.directory}.'
+      )
     one = _collection(tuple(sorted(host))).single_from_model_output(**host)
     accumulated = one if accumulated is None else accumulated.merge(one)
 
@@ -201,17 +227,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
       for step in range(start, end):
         batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
         phase = next(name for name, last in schedule if step < last)
-        run_state, metrics = train_steps[phase](run_state, parallel.shard_batch(batch, mesh), frozen,
-                                                train_key)
+        run_state, metrics = train_steps[phase](
+          run_state, parallel.shard_batch(batch, mesh), frozen, train_key
+        )
         if pending is not None:  # Check the previous step while this one runs.
           record(step, pending)
         pending, done = metrics, step + 1
         preempted = stop.received is not None
-        evaluate_now = (eval_fn is not None and config.eval_every_epochs and done < total and
-                        int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch) and
-                        int(done / steps_per_epoch) % config.eval_every_epochs == 0)
-        if done % config.log_every == 0 or done % config.checkpoint_every == 0 or done in (total, end) \
-            or evaluate_now or preempted or done in phase_ends:
+        evaluate_now = (
+          eval_fn is not None
+          and config.eval_every_epochs
+          and done < total
+          and int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch)
+          and int(done / steps_per_epoch) % config.eval_every_epochs == 0
+        )
+        if (
+          done % config.log_every == 0
+          or done % config.checkpoint_every == 0
+          or done in (total, end)
+          or evaluate_now
+          or preempted
+          or done in phase_ends
+        ):
           record(done, pending)
           pending = None
         if done % config.log_every == 0 or done == total or done in phase_ends:
@@ -219,11 +256,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
           elapsed = time.perf_counter() - t0
           scalars['train/img_per_s'] = (done - n0) * config.batch_size / max(elapsed, 1e-9)
           scalars['train/epoch'] = done / steps_per_epoch
-          if done in phase_ends and schedule[0][0] is not None:  # Wall time of the phase (since start/resume).
+          if (
+            done in phase_ends and schedule[0][0] is not None
+          ):  # Wall time of the phase (since start/resume).
             scalars['train/phase_seconds'], phase_t0 = time.perf_counter() - phase_t0, time.perf_counter()
           writer.write_scalars(done, scalars)
-          pbar.set_postfix(loss=f"{scalars['train/loss']:.4g}",
-                           img_s=f"{scalars['train/img_per_s']:.1f}")
+          pbar.set_postfix(loss=f'{scalars["train/loss"]:.4g}', img_s=f'{scalars["train/img_per_s"]:.1f}')
           accumulated, t0, n0 = None, time.perf_counter(), done
         if done % config.checkpoint_every == 0 or done in (total, end) or preempted or done in phase_ends:
           save(done)
@@ -232,8 +270,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, train_samples, mesh, 
         pbar.update(1)
         if preempted:
           mngr.wait_until_finished()
-          raise Preempted(f'{stop.received} at step {done}: checkpoint saved in {mngr.directory}; '
-                          'rerun the same command to resume.')
+          raise Preempted(
+            f'{stop.received} at step {done}: checkpoint saved in {mngr.directory}; '
+            'rerun the same command to resume.'
+          )
   finally:
     pbar.close()
     mngr.wait_until_finished()
@@ -248,7 +288,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   root = pipeline.dataset_root(config)
   categories = pipeline.categories(config, root)
-  groups = ({'': categories} if config.dataset.unified else {c: [c] for c in categories})
+  groups = {'': categories} if config.dataset.unified else {c: [c] for c in categories}
   results = {}
   for name, cats in groups.items():
     run_dir = os.path.join(workdir, name) if name else workdir
@@ -258,8 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
 
     def eval_fn(model, state, frozen, step, run_dir=run_dir, test=test, train_by_cat=train_by_cat):
-      per_cat = evaluate.evaluate(config, model, state, frozen, test, mesh,
-                                  os.path.join(run_dir, f'eval_step{step}'), train_by_cat)
+      per_cat = evaluate.evaluate(
+        config, model, state, frozen, test, mesh, os.path.join(run_dir, f'eval_step{step}'), train_by_cat
+      )
       return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
 
     model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)

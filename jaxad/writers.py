@@ -18,6 +18,7 @@ class MetricWriter:
     self._jsonl = self._tb = None
     if self.enabled:
       from tensorboardX import SummaryWriter
+
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, 'log.jsonl'), 'a')
       self._tb = SummaryWriter(os.path.join(workdir, 'tb'))

@@ -24,6 +24,7 @@ def pytest_configure(config):
     config.add_cleanup(lambda: shutil.rmtree(path, ignore_errors=True))
     os.environ['JAX_COMPILATION_CACHE_DIR'] = path
   import jax
+
   jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 
 
@@ -31,9 +32,17 @@ def pytest_configure(config):
 def tiny_dataset(tmp_path_factory) -> str:
   """Two synthetic categories at 64x64 in MVTec layout (12 train, 4 good + 6 defect test images)."""
   from jaxad.data import synthetic
+
   root = tmp_path_factory.mktemp('tiny_synthetic')
-  return synthetic.generate(str(root), seed=0, image_size=64, num_train=12, num_test_good=4,
-                            num_test_defect=6, categories=synthetic.CATEGORIES[:2])
+  return synthetic.generate(
+    str(root),
+    seed=0,
+    image_size=64,
+    num_train=12,
+    num_test_good=4,
+    num_test_defect=6,
+    categories=synthetic.CATEGORIES[:2],
+  )
 
 
 def tiny_folder_config(config, root: str):
@@ -49,6 +58,7 @@ def tiny_folder_config(config, root: str):
 def tiny_sivt_config(root: str, **overrides):
   """configs/sivt.py shrunk to seconds: 64x64 images, a 1+1-block ViT."""
   from configs import sivt
+
   c = tiny_folder_config(sivt.get_config(), root)
   c.num_epochs = 2
   c.log_every = 2
@@ -78,4 +88,5 @@ def override(config, **overrides):
 def embedded_dataset(tmp_path_factory) -> str:
   """The default embedded dataset exactly as `dataset.name='synthetic'` generates it."""
   from jaxad.data import synthetic
+
   return synthetic.ensure(str(tmp_path_factory.mktemp('embedded')))

@@ -81,21 +81,35 @@ def test_list_categories_errors(tmp_path):
 def test_scan_train(mvtec):
   s = folder.scan_split(mvtec, 'cat_a', 'train')
   names = [os.path.basename(x.image_path) for x in s]
-  assert names == ['000.png', '001.png', '002.png', '003.png', '004.png', '005.bmp',
-                   '006.jpg', '007.tif', '008.PNG']
-  assert all(x.label == 0 and x.defect_type == 'good' and x.mask_path is None
-             and x.category == 'cat_a' for x in s)
+  assert names == [
+    '000.png',
+    '001.png',
+    '002.png',
+    '003.png',
+    '004.png',
+    '005.bmp',
+    '006.jpg',
+    '007.tif',
+    '008.PNG',
+  ]
+  assert all(
+    x.label == 0 and x.defect_type == 'good' and x.mask_path is None and x.category == 'cat_a' for x in s
+  )
   assert s == folder.scan_split(str(mvtec), 'cat_a', 'train')  # deterministic
 
 
 def test_scan_test(mvtec):
   s = folder.scan_split(mvtec, 'cat_a', 'test')
-  got = [(x.defect_type, os.path.basename(x.image_path), x.label,
-          x.mask_path and os.path.basename(x.mask_path)) for x in s]
-  assert got == [('crack', '000.png', 1, '000_mask.PNG'),
-                 ('good', '000.png', 0, None),
-                 ('scratch', '000.png', 1, '000_mask.png'),
-                 ('scratch', '001.jpg', 1, '001_mask.png')]
+  got = [
+    (x.defect_type, os.path.basename(x.image_path), x.label, x.mask_path and os.path.basename(x.mask_path))
+    for x in s
+  ]
+  assert got == [
+    ('crack', '000.png', 1, '000_mask.PNG'),
+    ('good', '000.png', 0, None),
+    ('scratch', '000.png', 1, '000_mask.png'),
+    ('scratch', '001.jpg', 1, '001_mask.png'),
+  ]
   for x in s:
     if x.mask_path:
       assert os.path.exists(x.mask_path)
@@ -154,8 +168,7 @@ def test_load_image_high_bit_and_other_modes(tmp_path):
   np.testing.assert_allclose(folder.load_image(cmyk, 4)[0, 0], [1, 0, 1], atol=1e-6)
   # Bilinear downsizing of a uniform image stays uniform.
   u = _save(tmp_path / 'u.png', Image.new('RGB', (50, 30), (10, 20, 30)))
-  np.testing.assert_allclose(folder.load_image(u, (7, 9)), np.full((7, 9, 3), [10, 20, 30]) / 255,
-                             atol=1e-6)
+  np.testing.assert_allclose(folder.load_image(u, (7, 9)), np.full((7, 9, 3), [10, 20, 30]) / 255, atol=1e-6)
 
 
 def test_load_mask(mvtec):
@@ -237,8 +250,7 @@ def test_real_mvtec_bottle():
   bad = [s for s in test if s.label == 1]
   assert len(bad) == 63
   assert all(s.mask_path and os.path.isfile(s.mask_path) for s in bad)
-  assert {s.defect_type for s in test} == {'good', 'broken_large', 'broken_small',
-                                            'contamination'}
+  assert {s.defect_type for s in test} == {'good', 'broken_large', 'broken_small', 'contamination'}
   x = folder.load_image(bad[0].image_path, 64)
   m = folder.load_mask(bad[0].mask_path, 64)
   assert x.shape == (64, 64, 3) and m.shape == (64, 64) and m.any()

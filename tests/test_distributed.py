@@ -9,12 +9,11 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 # One jaxad run (train_and_evaluate, then a restore through train.train), as each process executes it;
 # dumps this process's copy of the final state.
-_RUN = textwrap.dedent('''
+_RUN = textwrap.dedent("""
     import os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count={devices}'
     sys.path[:0] = [{tests!r}, {repo!r}]
@@ -37,7 +36,7 @@ _RUN = textwrap.dedent('''
     _, state, _ = train.train(config, {work!r} + '/' + {category!r}, samples, parallel.make_mesh())
     leaves = [np.asarray(x.addressable_data(0)) for x in jax.tree.leaves(state)]
     np.savez({work!r} + f'/state_{{jax.process_index()}}.npz', *leaves)
-''')
+""")
 
 
 def _free_port() -> int:
@@ -47,12 +46,26 @@ def _free_port() -> int:
 
 
 def _run(root, category, work: pathlib.Path, num_processes: int) -> list[dict]:
-  script = _RUN.format(devices=4 // num_processes, tests=str(REPO / 'tests'), repo=str(REPO),
-                       num_processes=num_processes, port=_free_port(), root=root, category=category,
-                       work=str(work))
-  procs = [subprocess.Popen([sys.executable, '-c', script, str(i)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(num_processes)]
+  script = _RUN.format(
+    devices=4 // num_processes,
+    tests=str(REPO / 'tests'),
+    repo=str(REPO),
+    num_processes=num_processes,
+    port=_free_port(),
+    root=root,
+    category=category,
+    work=str(work),
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', script, str(i)],
+      cwd=REPO,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(num_processes)
+  ]
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
@@ -62,9 +75,10 @@ def _run(root, category, work: pathlib.Path, num_processes: int) -> list[dict]:
 @pytest.mark.slow  # ~160 s of CPU time (three processes compiling the model).
 def test_two_processes_agree_and_match_one_process_with_four_devices(tiny_dataset, tmp_path):
   from jaxad.data import folder
+
   category = folder.list_categories(tiny_dataset)[0]
   two = _run(tiny_dataset, category, tmp_path / 'two', 2)
-  one, = _run(tiny_dataset, category, tmp_path / 'one', 1)
+  (one,) = _run(tiny_dataset, category, tmp_path / 'one', 1)
   assert len(two[0]) == len(one) > 10
   for k in one:  # The processes hold bitwise-identical replicas.
     np.testing.assert_array_equal(two[0][k], two[1][k])

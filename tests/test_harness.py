@@ -9,17 +9,18 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, tiny_sivt_config
 from PIL import Image
 
-from conftest import REPO, tiny_sivt_config
 from jaxad import parallel, train
 from jaxad.data import folder, pipeline
 
 
 def _train(config, workdir, stop_after=None):
   root = config.dataset.root
-  samples = [s for c in folder.resolve_categories(root, 'all')
-             for s in pipeline.scan(config, root, c, 'train')]
+  samples = [
+    s for c in folder.resolve_categories(root, 'all') for s in pipeline.scan(config, root, c, 'train')
+  ]
   _, state, _ = train.train(config, str(workdir), samples, parallel.make_mesh(), stop_after=stop_after)
   return jax.device_get(state.params)
 
@@ -40,13 +41,14 @@ def test_same_seed_is_bitwise_reproducible_and_seed_matters(tiny_dataset, tmp_pa
   assert not np.array_equal(jax.tree.leaves(a)[0], jax.tree.leaves(c)[0])
 
 
-def test_resume_after_sigterm_at_a_random_step_equals_uninterrupted_run(tiny_dataset, tmp_path,
-                                                                        monkeypatch):
+def test_resume_after_sigterm_at_a_random_step_equals_uninterrupted_run(tiny_dataset, tmp_path, monkeypatch):
   """A real SIGTERM (to this process) at a random step, then a rerun: bitwise the uninterrupted run."""
   import os
   import re
   import signal
+
   from jaxad import writers
+
   config = tiny_sivt_config(tiny_dataset, num_epochs=3, log_every=1)  # 9 steps.
   full = _train(config, tmp_path / 'full')
   kill_at = int(np.random.default_rng().integers(1, 8))  # A different step each test run.
@@ -65,13 +67,20 @@ def test_resume_after_sigterm_at_a_random_step_equals_uninterrupted_run(tiny_dat
   assert kill_at <= step < 9, (kill_at, step)
   resumed = _train(config, tmp_path / 'killed')
   _assert_bitwise_equal(full, resumed)
-  losses = [[(r['step'], r['train/loss']) for r in map(json.loads, (tmp_path / d / 'log.jsonl').open())
-             if 'train/loss' in r] for d in ('full', 'killed')]
+  losses = [
+    [
+      (r['step'], r['train/loss'])
+      for r in map(json.loads, (tmp_path / d / 'log.jsonl').open())
+      if 'train/loss' in r
+    ]
+    for d in ('full', 'killed')
+  ]
   assert losses[0] == losses[1] and len(losses[0]) == 9, kill_at
 
 
 def test_grain_batches_do_not_depend_on_worker_count(tiny_dataset):
   from absl import flags
+
   flags.FLAGS.mark_as_parsed()
   batches = []
   for workers in (0, 2):
@@ -84,7 +93,7 @@ def test_grain_batches_do_not_depend_on_worker_count(tiny_dataset):
     np.testing.assert_array_equal(x, y)
 
 
-_EIGHT_DEVICES = textwrap.dedent('''
+_EIGHT_DEVICES = textwrap.dedent("""
     import os, sys
     os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
     sys.path[:0] = [{tests!r}, {repo!r}]
@@ -98,23 +107,38 @@ _EIGHT_DEVICES = textwrap.dedent('''
     th._assert_bitwise_equal(full, th._train(config, {work!r} + '/resumed'))
     th._assert_bitwise_equal(full, th._train(config, {work!r} + '/again'))
     print('EIGHT_DEVICES_OK')
-''')
+""")
 
 
 def test_eight_devices_resume_and_repeat_bitwise(tiny_dataset, tmp_path):
-  script = _EIGHT_DEVICES.format(tests=str(REPO / 'tests'), repo=str(REPO), root=tiny_dataset,
-                                 work=str(tmp_path))
+  script = _EIGHT_DEVICES.format(
+    tests=str(REPO / 'tests'), repo=str(REPO), root=tiny_dataset, work=str(tmp_path)
+  )
   out = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=900)
   assert 'EIGHT_DEVICES_OK' in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def _tiny_main_command(workdir, root, *overrides) -> list[str]:
   """`python -m jaxad.main` with configs/sivt.py shrunk to seconds (as tiny_sivt_config)."""
-  return [sys.executable, '-m', 'jaxad.main', '--config', str(REPO / 'configs' / 'sivt.py'),
-          '--workdir', str(workdir), '--config.dataset.name=folder', f'--config.dataset.root={root}',
-          '--config.dataset.image_size=64', '--config.batch_size=8', '--config.eval_batch_size=8',
-          '--config.sivt.feature_size=8', '--config.sivt.width=32', '--config.sivt.encoder_depth=1',
-          '--config.sivt.decoder_depth=1', *overrides]
+  return [
+    sys.executable,
+    '-m',
+    'jaxad.main',
+    '--config',
+    str(REPO / 'configs' / 'sivt.py'),
+    '--workdir',
+    str(workdir),
+    '--config.dataset.name=folder',
+    f'--config.dataset.root={root}',
+    '--config.dataset.image_size=64',
+    '--config.batch_size=8',
+    '--config.eval_batch_size=8',
+    '--config.sivt.feature_size=8',
+    '--config.sivt.width=32',
+    '--config.sivt.encoder_depth=1',
+    '--config.sivt.decoder_depth=1',
+    *overrides,
+  ]
 
 
 def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
@@ -148,9 +172,14 @@ def test_compilation_cache_is_reused_and_changes_no_result(tiny_dataset, tmp_pat
   # Three fresh runs: b (the same seed) and c (another seed, a step argument) train and score with
   # a's compiled programs.
   for run, seed in (('a', 0), ('b', 0), ('c', 1)):
-    cmd = _tiny_main_command(tmp_path / run, tiny_dataset, '--config.num_epochs=1',
-                             '--config.num_heatmaps=0', f'--compilation_cache_dir={cache}',
-                             f'--config.seed={seed}')
+    cmd = _tiny_main_command(
+      tmp_path / run,
+      tiny_dataset,
+      '--config.num_epochs=1',
+      '--config.num_heatmaps=0',
+      f'--compilation_cache_dir={cache}',
+      f'--config.seed={seed}',
+    )
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     results.append(json.loads((tmp_path / run / 'metrics.json').read_text()))
@@ -161,8 +190,7 @@ def test_compilation_cache_is_reused_and_changes_no_result(tiny_dataset, tmp_pat
 
 
 def test_per_category_mode_with_periodic_evaluation(tiny_dataset, tmp_path):
-  config = tiny_sivt_config(tiny_dataset, num_epochs=2, eval_every_epochs=1,
-                            **{'dataset.unified': False})
+  config = tiny_sivt_config(tiny_dataset, num_epochs=2, eval_every_epochs=1, **{'dataset.unified': False})
   results = train.train_and_evaluate(config, str(tmp_path))
   categories = folder.list_categories(tiny_dataset)
   assert sorted(results) == categories
@@ -177,6 +205,7 @@ def test_per_category_mode_with_periodic_evaluation(tiny_dataset, tmp_path):
 
 def test_corrupt_training_image_stops_with_its_name(tiny_dataset, tmp_path):
   import shutil
+
   root = tmp_path / 'data'
   shutil.copytree(tiny_dataset, root)
   category = folder.list_categories(str(root))[0]
@@ -200,9 +229,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path):
   import signal
   import time
+
   workdir = tmp_path / 'run'
-  cmd = _tiny_main_command(workdir, tiny_dataset, '--config.num_epochs=400', '--config.log_every=1',
-                           '--config.num_heatmaps=0')
+  cmd = _tiny_main_command(
+    workdir, tiny_dataset, '--config.num_epochs=400', '--config.log_every=1', '--config.num_heatmaps=0'
+  )
   err = tmp_path / 'stderr.txt'
   with open(err, 'w') as f:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=f, text=True)

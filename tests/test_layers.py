@@ -32,8 +32,9 @@ def test_random_partition_is_equal_disjoint_and_fresh():
 
 
 def _tiny_net():
-  return sivt.SelfInductionViT(patch_size=2, num_subsets=4, width=32, encoder_depth=1,
-                               decoder_depth=1, num_heads=4)
+  return sivt.SelfInductionViT(
+    patch_size=2, num_subsets=4, width=32, encoder_depth=1, decoder_depth=1, num_heads=4
+  )
 
 
 def test_sivt_reconstruction_shape():

@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from conftest import REALAD, override, tiny_folder_config
+
 from configs import mask_vitgan as mvg_config
 from jaxad import models, parallel, train
 from jaxad.data import folder, pipeline
-from jaxad.models import layers, mask_vitgan as mvg
+from jaxad.models import layers
+from jaxad.models import mask_vitgan as mvg
 
 
 def tiny_config(root, arg=None, **overrides):
@@ -29,10 +30,10 @@ def test_each_complementary_pair_partitions_the_image(size, cells):
   assert set(np.unique(masks)) == {0.0, 1.0}
   for scale, n in enumerate(cells):
     m1, m2 = masks[scale]
-    np.testing.assert_array_equal(m1 + m2, 1.0)    # Together they cover every pixel ...
-    np.testing.assert_array_equal(m1 * m2, 0.0)    # ... exactly once.
+    np.testing.assert_array_equal(m1 + m2, 1.0)  # Together they cover every pixel ...
+    np.testing.assert_array_equal(m1 * m2, 0.0)  # ... exactly once.
     assert m1.sum() == m2.sum() == size * size / 2  # White:black 1:1.
-    block = size // n                              # n x n blocks, constant inside each block,
+    block = size // n  # n x n blocks, constant inside each block,
     blocks = m1.reshape(n, block, n, block)
     assert np.all(blocks == blocks[:, :1, :, :1])
     assert np.all(np.diff(blocks[:, 0, :, 0], axis=1) != 0)  # alternating like a checkerboard.
@@ -53,10 +54,10 @@ def test_structure_warmup_must_be_ordered():
 
 def test_error_map_selection_rules():
   e = np.zeros((2, 3, 4, 4), np.float32)
-  e[0, 0] = 1.0   # Image 0: scale 0 has the largest mean error.
+  e[0, 0] = 1.0  # Image 0: scale 0 has the largest mean error.
   e[0, 1] = 0.4
   e[0, 2] = 0.4
-  e[1, 0] = 0.5   # Image 1: scale 2 is furthest below the mean over scales.
+  e[1, 0] = 0.5  # Image 1: scale 2 is furthest below the mean over scales.
   e[1, 1] = 0.5
   e[1, 2] = 0.0
   e = jnp.asarray(e)
@@ -68,8 +69,16 @@ def test_error_map_selection_rules():
 def test_score_merges_each_pair_over_its_masked_areas():
   """With a generator that outputs a constant c, O_i = c everywhere, so E_i = |c - I| at every scale
   (all weights zero: c = 0.5 (grey offset) + 0.25 (the residual conv's bias))."""
-  c = tiny_config('', **{'mvg.smoothing_sigma': 0.0, 'mvg.depth': 1, 'mvg.width': 32,
-                        'mvg.disc_depth': 1, 'mvg.disc_width': 32})
+  c = tiny_config(
+    '',
+    **{
+      'mvg.smoothing_sigma': 0.0,
+      'mvg.depth': 1,
+      'mvg.width': 32,
+      'mvg.disc_depth': 1,
+      'mvg.disc_width': 32,
+    },
+  )
   model = models.build(c, 1)
   x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
   state = jax.jit(model.init)(jax.random.key(1), {'image': x}, {})
@@ -88,9 +97,14 @@ def test_unpatchify_inverts_patchify_in_the_patch_embedding_order():
   # Token t holds the pixels a stride-p convolution (the patch embedding) sees at grid cell t,
   # flattened as (row, col, channel): check with a one-hot kernel.
   kernel = jnp.eye(8 * 8 * 3).reshape(8, 8, 3, 8 * 8 * 3)
-  conv = jax.lax.conv_general_dilated(x, kernel, (8, 8), 'VALID',
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      precision=jax.lax.Precision.HIGHEST)
+  conv = jax.lax.conv_general_dilated(
+    x,
+    kernel,
+    (8, 8),
+    'VALID',
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   np.testing.assert_allclose(tokens, conv.reshape(2, 24, -1), atol=1e-6)
 
 
@@ -110,23 +124,32 @@ def test_generator_fits_real_images_quickly():
 
     @jax.jit
     def step(params, opt, batch):
-      loss, g = jax.value_and_grad(
-          lambda p: jnp.mean(jnp.abs(gen.apply({'params': p}, batch)[0] - batch)))(params)
+      loss, g = jax.value_and_grad(lambda p: jnp.mean(jnp.abs(gen.apply({'params': p}, batch)[0] - batch)))(
+        params
+      )
       updates, opt = tx.update(g, opt, params)
       return optax.apply_updates(params, updates), opt, loss
 
     for i in range(60):
-      params, opt, loss = step(params, opt, x[(i * 8) % 32:(i * 8) % 32 + 8])
+      params, opt, loss = step(params, opt, x[(i * 8) % 32 : (i * 8) % 32 + 8])
     losses_[small] = float(loss)
   assert losses_[True] < 0.12 < losses_[False], losses_
 
 
-
 def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
-  c = tiny_config('', **{'mvg.depth': 2, 'mvg.width': 32, 'mvg.latent_dim': 16,
-                        'mvg.disc_depth': 2, 'mvg.disc_width': 32, 'mvg.disc_feature_dim': 16,
-                        'optimizer.warmup_steps': 0,  # (Warm-up starts at learning rate 0.)
-                        'mvg.structure_warmup': (100, 150)})
+  c = tiny_config(
+    '',
+    **{
+      'mvg.depth': 2,
+      'mvg.width': 32,
+      'mvg.latent_dim': 16,
+      'mvg.disc_depth': 2,
+      'mvg.disc_width': 32,
+      'mvg.disc_feature_dim': 16,
+      'optimizer.warmup_steps': 0,  # (Warm-up starts at learning rate 0.)
+      'mvg.structure_warmup': (100, 150),
+    },
+  )
   model = models.build(c, 10)
   x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3))
   batch = {'image': x}
@@ -140,8 +163,22 @@ def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
     changed = [not np.array_equal(a, b) for a, b in zip(old_leaves, new_leaves)]
     assert all(changed), f'{name}: {sum(changed)}/{len(changed)} parameter arrays changed'
   np.testing.assert_array_equal(batch['image'], x)
-  for k in ('loss', 'd_loss', 'adv', 'enc', 'con', 'l1', 'ssim_loss', 'gradient_l1', 'd_real',
-            'd_fake', 'g_grad_norm', 'd_grad_norm', 'g_param_norm', 'd_param_norm'):
+  for k in (
+    'loss',
+    'd_loss',
+    'adv',
+    'enc',
+    'con',
+    'l1',
+    'ssim_loss',
+    'gradient_l1',
+    'd_real',
+    'd_fake',
+    'g_grad_norm',
+    'd_grad_norm',
+    'g_param_norm',
+    'd_param_norm',
+  ):
     assert np.isfinite(metrics[k]), k
   # The step is a pure function of (state, batch, rng): repeating it gives the same state.
   step = jax.jit(model.train_step)
@@ -155,8 +192,7 @@ def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
   for g_step, weight in ((end - 1, 1.0), (start + (end - start) // 2 - 1, 0.5)):
     later = {**state, 'g': state['g'].replace(step=state['g'].step + g_step)}
     _, m = step(later, batch, jax.random.key(2), {})
-    np.testing.assert_allclose(m['con'], m['l1'] + weight * (m['ssim_loss'] + m['gradient_l1']),
-                               rtol=1e-6)
+    np.testing.assert_allclose(m['con'], m['l1'] + weight * (m['ssim_loss'] + m['gradient_l1']), rtol=1e-6)
   assert m['ssim_loss'] > 0.1 and m['con'] > metrics['con'] + 0.1
 
 
@@ -165,8 +201,11 @@ def _smoke(config, workdir):
   samples = [s for c in folder.list_categories(root) for s in pipeline.scan(config, root, c, 'train')]
   model, state, frozen = train.train(config, str(workdir), samples, parallel.make_mesh(), stop_after=1)
   assert int(state['g'].step) == int(state['d'].step) == 1
-  test = pipeline.ImageSource(pipeline.scan(config, root, folder.list_categories(root)[0], 'test'),
-                              config.dataset.image_size, config.dataset.channels)
+  test = pipeline.ImageSource(
+    pipeline.scan(config, root, folder.list_categories(root)[0], 'test'),
+    config.dataset.image_size,
+    config.dataset.channels,
+  )
   images = np.stack([test[i]['image'] for i in range(2)])
   maps, scores = jax.jit(model.score)(state, {'image': images}, frozen)
   assert maps.shape == (2, 64, 64) and scores.shape == (2,)
@@ -182,9 +221,18 @@ def test_default_config_one_step_through_harness(tiny_dataset, tmp_path):
 def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
   """The paper's depths (13 + 13 generator blocks, 13 in the extra encoder, 8 ToMe blocks with r=2)
   at 64x64 and a small width, so it compiles in CPU test time."""
-  c = tiny_config(tiny_dataset, 'paper', **{'mvg.width': 32, 'mvg.num_heads': 2, 'mvg.latent_dim': 16,
-                                            'mvg.disc_width': 32, 'mvg.disc_num_heads': 2,
-                                            'mvg.disc_feature_dim': 16})
+  c = tiny_config(
+    tiny_dataset,
+    'paper',
+    **{
+      'mvg.width': 32,
+      'mvg.num_heads': 2,
+      'mvg.latent_dim': 16,
+      'mvg.disc_width': 32,
+      'mvg.disc_num_heads': 2,
+      'mvg.disc_feature_dim': 16,
+    },
+  )
   paper = mvg_config.get_config('paper')
   assert (paper.mvg.depth, paper.mvg.disc_depth, paper.mvg.tome_r) == (13, 8, 2)
   assert paper.dataset.unified is False and paper.num_epochs == 500 and paper.batch_size == 8

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import override, tiny_folder_config
 from scipy import ndimage
 
-from conftest import override, tiny_folder_config
 from configs import rbae as rbae_config
 from jaxad import models, parallel, train
 from jaxad.data import defects, folder, pipeline
@@ -31,7 +31,7 @@ def _tiny_config(root, **overrides):
   c.log_every = 1
   c.num_heatmaps = 0
   c.backbone.weights = 'random'
-  c.backbone.features = (0,)      # The first VGG16 stage only: compiles in a fraction of the time.
+  c.backbone.features = (0,)  # The first VGG16 stage only: compiles in a fraction of the time.
   c.rbae.channels = (8, 8, 16, 16, 16)
   c.rbae.head_width = 8
   c.rbae.ffm_width = 8
@@ -41,7 +41,7 @@ def _tiny_config(root, **overrides):
 def _rbfrm_loop(f, ref, k, scale):
   """Eq. 3-5 written out patch by patch, in numpy."""
   b, h, w, c = f.shape
-  ps = lambda x: [x[i:i + k, j:j + k].reshape(-1) for i in range(0, h, k) for j in range(0, w, k)]
+  ps = lambda x: [x[i : i + k, j : j + k].reshape(-1) for i in range(0, h, k) for j in range(0, w, k)]
   bank = np.stack(ps(ref[0]))
   out = np.zeros_like(f)
   for n in range(b):
@@ -49,7 +49,7 @@ def _rbfrm_loop(f, ref, k, scale):
       s = bank @ p / (np.linalg.norm(bank, axis=1) * np.linalg.norm(p))
       wts = np.exp(scale * s) / np.exp(scale * s).sum()
       i, j = divmod(idx, w // k)
-      out[n, i * k:(i + 1) * k, j * k:(j + 1) * k] = (wts @ bank).reshape(k, k, c)
+      out[n, i * k : (i + 1) * k, j * k : (j + 1) * k] = (wts @ bank).reshape(k, k, c)
   return out
 
 
@@ -58,8 +58,9 @@ def test_rbfrm_equals_patchwise_loop(k, scale):
   rng = np.random.default_rng(0)
   f = rng.normal(size=(2, 8, 8, 3)).astype(np.float32)
   ref = rng.normal(size=(1, 8, 8, 3)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(rbae.rbfrm(f, ref, k, scale)), _rbfrm_loop(f, ref, k, scale),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(rbae.rbfrm(f, ref, k, scale)), _rbfrm_loop(f, ref, k, scale), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_rbfrm_with_itself_as_reference_returns_the_input_for_large_k():
@@ -82,8 +83,7 @@ def test_ffm_attention_maps_sum_to_one_and_select_the_branches():
   assert attn.shape == (3, 2, 8, 8, 6)
   assert float(attn.min()) > 0
   np.testing.assert_allclose(np.asarray(attn.sum(0)), 1.0, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(sum(a * f for a, f in zip(attn, fs))),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(sum(a * f for a, f in zip(attn, fs))), atol=1e-5)
 
 
 def test_perlin_masks_are_binary_seeded_and_cover_the_configured_fraction():
@@ -91,7 +91,7 @@ def test_perlin_masks_are_binary_seeded_and_cover_the_configured_fraction():
   masks = [draw(s) for s in range(20)]
   for m in masks:
     assert set(np.unique(m)) <= {0.0, 1.0}
-    assert 0.1 - 2 / 64 ** 2 <= m.mean() <= 0.3 + 2 / 64 ** 2
+    assert 0.1 - 2 / 64**2 <= m.mean() <= 0.3 + 2 / 64**2
   np.testing.assert_array_equal(draw(3), masks[3])
   assert not np.array_equal(masks[0], masks[1])
   fracs = [m.mean() for m in masks]
@@ -103,9 +103,11 @@ def test_pipeline_defects_follow_eq1_and_the_seed(tiny_dataset, fill):
   config = _tiny_config(tiny_dataset, **{'defects.fill': fill})
   samples = pipeline.scan(config, tiny_dataset, folder.list_categories(tiny_dataset)[0], 'train')
   source = pipeline.ImageSource(samples, 32, 3)
-  batches = lambda seed: next(pipeline.train_iterator(
-      source, override(config.copy_and_resolve_references(), seed=seed),
-      process_index=0, process_count=1))
+  batches = lambda seed: next(
+    pipeline.train_iterator(
+      source, override(config.copy_and_resolve_references(), seed=seed), process_index=0, process_count=1
+    )
+  )
   a, b, c = batches(0), batches(0), batches(1)
   for key in ('defect_image', 'defect_mask'):
     np.testing.assert_array_equal(a[key], b[key])
@@ -132,8 +134,9 @@ def test_residual_score_is_the_smoothed_reconstruction_error(tmp_path):
   maps, scores = jax.jit(model.score)(state, {'image': x}, model.frozen)
   recon = jax.jit(rbae.network(config).apply)({'params': state['params']}, x, x[:1])[0]
   residual = np.mean(np.abs(x - np.asarray(recon, np.float64)), axis=-1)
-  expected = np.stack([ndimage.gaussian_filter(r, config.rbae.smoothing_sigma, mode='reflect')
-                       for r in residual])
+  expected = np.stack(
+    [ndimage.gaussian_filter(r, config.rbae.smoothing_sigma, mode='reflect') for r in residual]
+  )
   np.testing.assert_allclose(maps, expected, atol=1e-5)
   np.testing.assert_allclose(scores, expected.max(axis=(1, 2)), atol=1e-5)
   with pytest.raises(ValueError, match='rbae.score'):
@@ -147,8 +150,9 @@ def test_reference_choice():
   np.testing.assert_array_equal(rbae.choose_reference(source, 'medoid', 0)[0], images[2])  # mean 0.475
 
 
-def test_phase2_freezes_the_encoder_and_resuming_in_it_does_not_redo_phase1(tiny_dataset, tmp_path,
-                                                                           monkeypatch):
+def test_phase2_freezes_the_encoder_and_resuming_in_it_does_not_redo_phase1(
+  tiny_dataset, tmp_path, monkeypatch
+):
   config = _tiny_config(tiny_dataset, **{'dataset.categories': 'weave'})
   samples = pipeline.scan(config, tiny_dataset, 'weave', 'train')  # 12 images: 3 steps per epoch
   assert train.phase_schedule(config, len(samples)) == [('reconstruct', 3), ('repair', 6)]
@@ -161,11 +165,13 @@ def test_phase2_freezes_the_encoder_and_resuming_in_it_does_not_redo_phase1(tiny
     def train_step(*a, phase, **kw):
       traced.append(phase)  # runs once per trace: which phases this process compiled
       return model.train_step(*a, phase=phase, **kw)
+
     return dataclasses.replace(model, train_step=train_step)
 
   monkeypatch.setattr(models, 'build', recording_build)
   run = lambda d, stop=None: jax.device_get(
-      train.train(config, str(tmp_path / d), samples, parallel.make_mesh(), stop_after=stop)[1])
+    train.train(config, str(tmp_path / d), samples, parallel.make_mesh(), stop_after=stop)[1]
+  )
   full = run('full')
   assert traced == ['reconstruct', 'repair']
   after_phase1 = run('resumed', stop=3)
@@ -176,9 +182,15 @@ def test_phase2_freezes_the_encoder_and_resuming_in_it_does_not_redo_phase1(tiny
     np.testing.assert_array_equal(a, b)
 
   def changed(a, b):
-    return {k.rsplit('_', 1)[0] for k in a['params'] if any(
-        not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a['params'][k]),
-                                                 jax.tree.leaves(b['params'][k])))}
+    return {
+      k.rsplit('_', 1)[0]
+      for k in a['params']
+      if any(
+        not np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(a['params'][k]), jax.tree.leaves(b['params'][k]))
+      )
+    }
+
   assert changed(after_phase1, full) == {'rbams', 'decoder', 'msfdm'}  # phase 2: encoder frozen
   np.testing.assert_array_equal(after_phase1['reference'], full['reference'])
   log = [json.loads(line) for line in open(tmp_path / 'full' / 'log.jsonl')]
@@ -204,7 +216,6 @@ def test_phases_must_add_up_to_num_epochs(tmp_path):
   config = _tiny_config(str(tmp_path), num_epochs=3)
   with pytest.raises(ValueError, match='num_epochs=2'):
     train.phase_schedule(config, 12)
-
 
 
 @pytest.mark.slow

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import REALAD
+
 from configs import mean_image as mean_image_config
 from configs import sivt as sivt_config
 from jaxad import models, parallel, train
@@ -53,20 +53,20 @@ def test_paper_variant_one_step_smoke(tiny_dataset, tmp_path):
 
 def _mean_metrics(config, workdir) -> dict:
   results = train.train_and_evaluate(config, str(workdir))
-  return {k: np.mean([m[k] for m in results.values()])
-          for k in ('image_auroc', 'pixel_auroc', 'aupro')}
+  return {k: np.mean([m[k] for m in results.values()]) for k in ('image_auroc', 'pixel_auroc', 'aupro')}
 
 
 @pytest.fixture(scope='module')
 def mean_image_baseline(embedded_dataset, tmp_path_factory) -> dict:
   """The per-category mean-image baseline on the embedded dataset (README: 64.7 / 83.0 / 57.6)."""
-  return _mean_metrics(_folder(mean_image_config.get_config(), embedded_dataset),
-                       tmp_path_factory.mktemp('baseline'))
+  return _mean_metrics(
+    _folder(mean_image_config.get_config(), embedded_dataset), tmp_path_factory.mktemp('baseline')
+  )
 
 
-def test_short_sivt_run_beats_chance_and_localises_better_than_mean_image(embedded_dataset,
-                                                                          mean_image_baseline,
-                                                                          tmp_path):
+def test_short_sivt_run_beats_chance_and_localises_better_than_mean_image(
+  embedded_dataset, mean_image_baseline, tmp_path
+):
   sivt = _mean_metrics(_folder(sivt_config.get_config(), embedded_dataset, num_epochs=10), tmp_path)
   print('SIVT 10 epochs', sivt, '\nmean image', mean_image_baseline)
   # Image level over 5 x 45 test images: the sd of the five-category mean AUROC of random scores is
@@ -80,8 +80,7 @@ def test_short_sivt_run_beats_chance_and_localises_better_than_mean_image(embedd
 
 
 @pytest.mark.slow
-def test_default_sivt_run_beats_mean_image_at_image_level(embedded_dataset, mean_image_baseline,
-                                                          tmp_path):
+def test_default_sivt_run_beats_mean_image_at_image_level(embedded_dataset, mean_image_baseline, tmp_path):
   """The README's default run (30 epochs, ~5 min): measured 0.757 / 0.933 / 0.795 vs the baseline's
   0.647 / 0.830 / 0.576."""
   sivt = _mean_metrics(_folder(sivt_config.get_config(), embedded_dataset), tmp_path)

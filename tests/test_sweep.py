@@ -8,27 +8,49 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from jaxad import sweep
 
-_SWEEP = '''
+_SWEEP = """
 from jaxad.sweep import grid
 
 
 def get_sweep(arg=None):
   return grid({'mean_image.smoothing_sigma': [1.0, 3.0], 'augment.hflip': [False, True]})
-'''
+"""
 
 
 def _sweep_cmd(sweep_file, workdir, root, *extra):
-  return [sys.executable, '-m', 'jaxad.sweep', '--config', str(REPO / 'configs' / 'mean_image.py'),
-          '--sweep', str(sweep_file), '--workdir', str(workdir), '--seeds', '2',
-          '--override', 'dataset.name=folder', '--override', f'dataset.root={root}',
-          '--override', 'dataset.categories=weave', '--override', 'dataset.image_size=32',
-          '--override', 'batch_size=4', '--override', 'eval_batch_size=10',
-          '--override', 'num_heatmaps=0', *extra]
+  return [
+    sys.executable,
+    '-m',
+    'jaxad.sweep',
+    '--config',
+    str(REPO / 'configs' / 'mean_image.py'),
+    '--sweep',
+    str(sweep_file),
+    '--workdir',
+    str(workdir),
+    '--seeds',
+    '2',
+    '--override',
+    'dataset.name=folder',
+    '--override',
+    f'dataset.root={root}',
+    '--override',
+    'dataset.categories=weave',
+    '--override',
+    'dataset.image_size=32',
+    '--override',
+    'batch_size=4',
+    '--override',
+    'eval_batch_size=10',
+    '--override',
+    'num_heatmaps=0',
+    *extra,
+  ]
 
 
 def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
@@ -57,8 +79,13 @@ def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
   assert 'Resumed from step 3' in (unfinished.parent / 'output.log').read_text()
   assert unfinished.exists()
 
-  report = subprocess.run([sys.executable, '-m', 'jaxad.report', str(workdir)], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+  report = subprocess.run(
+    [sys.executable, '-m', 'jaxad.report', str(workdir)],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    timeout=120,
+  )
   assert report.returncode == 0, report.stderr[-3000:]
   with open(workdir / 'report.csv') as f:
     rows = list(csv.DictReader(f))
@@ -82,20 +109,29 @@ def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
 
 def test_grid_and_point_names():
   points = sweep.grid({'a.b': [1, 2], 'c': ['x', 'y z']})
-  assert points == [{'a.b': 1, 'c': 'x'}, {'a.b': 1, 'c': 'y z'}, {'a.b': 2, 'c': 'x'},
-                    {'a.b': 2, 'c': 'y z'}]
+  assert points == [
+    {'a.b': 1, 'c': 'x'},
+    {'a.b': 1, 'c': 'y z'},
+    {'a.b': 2, 'c': 'x'},
+    {'a.b': 2, 'c': 'y z'},
+  ]
   assert [sweep.point_name(p) for p in points[:2]] == ['a.b=1,c=x', 'a.b=1,c=y_z']
   runs = sweep.plan('configs/x.py:v', points[:1], 2, 'sw', {'dataset.root': '/d'})
   assert [r['workdir'] for r in runs] == ['sw/a.b=1,c=x/seed_0', 'sw/a.b=1,c=x/seed_1']
-  assert runs[1]['args'][-4:] == ['--config.dataset.root=/d', '--config.a.b=1', '--config.c=x',
-                                  '--config.seed=1']
+  assert runs[1]['args'][-4:] == [
+    '--config.dataset.root=/d',
+    '--config.a.b=1',
+    '--config.c=x',
+    '--config.seed=1',
+  ]
 
 
 @pytest.mark.parametrize('path', sorted((REPO / 'configs' / 'sweeps').glob('*.py')))
 def test_shipped_sweeps_name_real_config_fields(path):
   """Every sweep file configs/sweeps/<model>_<what>.py names fields that configs/<model>.py has."""
-  model = max((p.stem for p in (REPO / 'configs').glob('*.py') if path.stem.startswith(p.stem + '_')),
-              key=len)
+  model = max(
+    (p.stem for p in (REPO / 'configs').glob('*.py') if path.stem.startswith(p.stem + '_')), key=len
+  )
   spec = importlib.util.spec_from_file_location(model, REPO / 'configs' / f'{model}.py')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

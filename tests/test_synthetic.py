@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad.data import folder
-from jaxad.data import synthetic
+from jaxad.data import folder, synthetic
 
 SMALL = dict(image_size=64, num_train=2, num_test_good=1, num_test_defect=8)
 
@@ -60,8 +59,7 @@ def test_masks_are_exactly_the_altered_pixels(category):
   for kind in synthetic.DEFECT_TYPES[category]:
     for index in range(3):
       img, mask, dt = synthetic.render(category, 'test/' + kind, index, seed=1, image_size=128)
-      clean, mask2, _ = synthetic.render(category, 'test/' + kind, index, seed=1,
-                                         image_size=128, clean=True)
+      clean, mask2, _ = synthetic.render(category, 'test/' + kind, index, seed=1, image_size=128, clean=True)
       assert dt == kind and np.array_equal(mask, mask2)
       assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
       changed = img != clean
@@ -71,8 +69,7 @@ def test_masks_are_exactly_the_altered_pixels(category):
       assert lo <= (mask > 0).mean() <= hi, (category, kind, index, (mask > 0).mean())
       # The clean render is the image a normal sample would show: a defect never
       # touches the pixels outside its mask.
-      assert np.array_equal(np.where(mask[..., None] > 0 if img.ndim == 3 else mask > 0,
-                                     clean, img), clean)
+      assert np.array_equal(np.where(mask[..., None] > 0 if img.ndim == 3 else mask > 0, clean, img), clean)
 
 
 def test_generate_is_byte_deterministic(tmp_path):
@@ -92,8 +89,7 @@ def test_generate_is_byte_deterministic(tmp_path):
     kind = synthetic.DEFECT_TYPES[cat][0]
     m = Image.open(Path(a) / cat / 'ground_truth' / kind / '001_mask.png')
     assert m.mode == 'L' and set(np.unique(np.asarray(m))) == {0, 255}
-    assert np.array_equal(np.asarray(m), synthetic.render(cat, 'test/' + kind, 1, seed=3,
-                                                          image_size=64)[1])
+    assert np.array_equal(np.asarray(m), synthetic.render(cat, 'test/' + kind, 1, seed=3, image_size=64)[1])
 
 
 def test_ensure_is_idempotent_and_readable(tmp_path, monkeypatch):
@@ -148,6 +144,7 @@ def test_mean_image_baseline_is_not_near_perfect(embedded_dataset):
       labels.append(s.label)
     aurocs[cat] = metrics.roc_auc_score(labels, scores)
   avg = float(np.mean(list(aurocs.values())))
-  print('mean-image baseline image AUROC:',
-        {k: round(v, 3) for k, v in aurocs.items()}, 'average', round(avg, 3))
+  print(
+    'mean-image baseline image AUROC:', {k: round(v, 3) for k, v in aurocs.items()}, 'average', round(avg, 3)
+  )
   assert avg < 0.9, aurocs

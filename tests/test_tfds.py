@@ -5,14 +5,15 @@ import os
 import sys
 
 import numpy as np
-
 from conftest import tiny_folder_config
+
 from jaxad import train
 from jaxad.data import folder, pipeline, tfds_mvtec
 
 
 def _config(root, name, tfds_dir, **overrides):
   from configs import mean_image
+
   c = tiny_folder_config(mean_image.get_config(), root)
   c.dataset.name = name
   c.dataset.unified = True  # One run over both categories: heatmaps/<category>/ in one workdir.
@@ -30,6 +31,7 @@ def _config(root, name, tfds_dir, **overrides):
 
 def test_prepared_records_equal_the_folder_pixels_and_batches(tiny_dataset, tmp_path):
   from absl import flags
+
   flags.FLAGS.mark_as_parsed()  # grain workers read absl flags.
   ref, tf = _config(tiny_dataset, 'folder', tmp_path), _config(tiny_dataset, 'tfds', tmp_path)
   categories = pipeline.categories(tf, pipeline.dataset_root(tf))
@@ -41,8 +43,9 @@ def test_prepared_records_equal_the_folder_pixels_and_batches(tiny_dataset, tmp_
     for split in ('train', 'test'):
       samples = pipeline.scan(tf, tiny_dataset, c, split)
       expected = pipeline.scan(ref, tiny_dataset, c, split)
-      assert [(os.path.join(tiny_dataset, s.image_path), s.defect_type, s.label) for s in samples] == \
-          [(s.image_path, s.defect_type, s.label) for s in expected]
+      assert [(os.path.join(tiny_dataset, s.image_path), s.defect_type, s.label) for s in samples] == [
+        (s.image_path, s.defect_type, s.label) for s in expected
+      ]
       got, want = pipeline.image_source(tf, samples), pipeline.image_source(ref, expected)
       for i in range(len(want)):
         a, b = got[i], want[i]
@@ -53,11 +56,14 @@ def test_prepared_records_equal_the_folder_pixels_and_batches(tiny_dataset, tmp_
 
   samples = [s for c in categories for s in pipeline.scan(tf, tiny_dataset, c, 'train')]
   expected = [s for c in categories for s in pipeline.scan(ref, tiny_dataset, c, 'train')]
-  iters = [pipeline.train_iterator(pipeline.image_source(tf, samples), tf, process_index=0, process_count=1),
-           pipeline.train_iterator(pipeline.image_source(ref, expected), ref, process_index=0, process_count=1)]
+  iters = [
+    pipeline.train_iterator(pipeline.image_source(tf, samples), tf, process_index=0, process_count=1),
+    pipeline.train_iterator(pipeline.image_source(ref, expected), ref, process_index=0, process_count=1),
+  ]
   tf.dataset.num_workers = 2  # Records reopened inside grain worker processes.
-  iters.append(pipeline.train_iterator(pipeline.image_source(tf, samples), tf, process_index=0,
-                                       process_count=1))
+  iters.append(
+    pipeline.train_iterator(pipeline.image_source(tf, samples), tf, process_index=0, process_count=1)
+  )
   for _ in range(6):
     a, b, w = (next(it) for it in iters)
     for k in b:
@@ -72,15 +78,18 @@ def test_training_run_from_prepared_data_equals_the_folder_run(tiny_dataset, tmp
     config = _config(tiny_dataset, name, tmp_path / 'tfds')
     results[name] = train.train_and_evaluate(config, str(tmp_path / name))
   assert results['tfds'] == results['folder']  # Exactly: same pixels, same batches, same state.
-  assert json.loads((tmp_path / 'tfds' / 'metrics.json').read_text()) == \
-      json.loads((tmp_path / 'folder' / 'metrics.json').read_text())
+  assert json.loads((tmp_path / 'tfds' / 'metrics.json').read_text()) == json.loads(
+    (tmp_path / 'folder' / 'metrics.json').read_text()
+  )
   for c in results['folder']:
-    assert sorted(os.listdir(tmp_path / 'tfds' / 'heatmaps' / c)) == \
-        sorted(os.listdir(tmp_path / 'folder' / 'heatmaps' / c))
+    assert sorted(os.listdir(tmp_path / 'tfds' / 'heatmaps' / c)) == sorted(
+      os.listdir(tmp_path / 'folder' / 'heatmaps' / c)
+    )
 
 
 def test_prepared_data_is_used_without_the_folder(tiny_dataset, tmp_path):
   import shutil
+
   root = tmp_path / 'copy'
   shutil.copytree(tiny_dataset, root)
   config = _config(str(root), 'tfds', tmp_path / 'tfds')

@@ -9,22 +9,46 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-
 from conftest import REPO, tiny_sivt_config
+
 from configs import sivt as sivt_config
 from jaxad import evaluate, models, parallel, perf, train
 from jaxad.data import pipeline
 
-_TINY_SIVT = ('--config.backbone.weights=random', '--config.dataset.image_size=32',
-              '--config.sivt.feature_size=8', '--config.sivt.width=64', '--config.sivt.num_heads=4',
-              '--config.sivt.encoder_depth=1', '--config.sivt.decoder_depth=1')
+_TINY_SIVT = (
+  '--config.backbone.weights=random',
+  '--config.dataset.image_size=32',
+  '--config.sivt.feature_size=8',
+  '--config.sivt.width=64',
+  '--config.sivt.num_heads=4',
+  '--config.sivt.encoder_depth=1',
+  '--config.sivt.decoder_depth=1',
+)
 
 
 def test_benchmark_script_prints_one_json_line_with_every_field():
   out = subprocess.run(
-      [sys.executable, 'benchmarks/throughput.py', '--config', 'configs/sivt.py', '--batch', '4',
-       '--steps', '2', '--repeats', '2', '--warmup', '1', *_TINY_SIVT],
-      cwd=REPO, capture_output=True, text=True, timeout=300, check=True).stdout
+    [
+      sys.executable,
+      'benchmarks/throughput.py',
+      '--config',
+      'configs/sivt.py',
+      '--batch',
+      '4',
+      '--steps',
+      '2',
+      '--repeats',
+      '2',
+      '--warmup',
+      '1',
+      *_TINY_SIVT,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout
   lines = out.strip().splitlines()
   assert len(lines) == 1, out
   r = json.loads(lines[0])
@@ -48,9 +72,22 @@ def test_benchmark_script_prints_one_json_line_with_every_field():
 
 def test_compile_only_reports_compile_times_and_runs_no_step():
   out = subprocess.run(
-      [sys.executable, 'benchmarks/throughput.py', '--config', 'configs/sivt.py', '--batch', '4',
-       '--compile_only', *_TINY_SIVT], cwd=REPO, capture_output=True, text=True, timeout=300,
-      check=True).stdout
+    [
+      sys.executable,
+      'benchmarks/throughput.py',
+      '--config',
+      'configs/sivt.py',
+      '--batch',
+      '4',
+      '--compile_only',
+      *_TINY_SIVT,
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=True,
+  ).stdout
   r = json.loads(out.strip().splitlines()[-1])
   assert r['lower_s'] > 0 and r['xla_compile_s'] > 0 and 'train_img_per_s' not in r
 
@@ -83,15 +120,14 @@ def test_sivt_analytic_flops_at_paper_settings():
   """Issue 9: ~73 GFLOP per image per train step; the transformer alone is 3 x 23.6 GFLOP."""
   c = sivt_config.get_config('paper')
   tokens, d = 256, 240
-  block = 2 * 12 * d * d + 4 * tokens * d                       # projections + MLP, attention
-  embed = 2 * 272 * 4 * d + 2 * d * d + 2 * d * 272 * 4          # patch embed, decoder embed, pred
+  block = 2 * 12 * d * d + 4 * tokens * d  # projections + MLP, attention
+  embed = 2 * 272 * 4 * d + 2 * d * d + 2 * d * 272 * 4  # patch embed, decoder embed, pred
   assert perf.sivt_forward_flops(c) == tokens * ((4 * 12 + 8) * block + embed)
   assert 68e9 < perf.sivt_train_flops(c) < 73e9
 
 
 def test_compute_dtype():
-  assert models.compute_dtype('auto') == (jnp.float32 if jax.default_backend() == 'cpu'
-                                          else jnp.bfloat16)
+  assert models.compute_dtype('auto') == (jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16)
   assert models.compute_dtype('bfloat16') == jnp.bfloat16
   with pytest.raises(ValueError, match="'float32', 'bfloat16' or 'auto'"):
     models.compute_dtype('fp16')
@@ -116,7 +152,13 @@ def test_sivt_bfloat16_keeps_fp32_state_and_scores_like_float32(tiny_dataset, tm
   diff = np.abs(s16['maps'] - s32['maps']).max()
   assert diff > 0  # bfloat16 really ran.
   corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(s16['maps'], s32['maps'])]
-  print('max |diff|', diff, 'min per-image map correlation', min(corr),
-        'image-score Spearman', scipy.stats.spearmanr(s16['scores'], s32['scores'])[0])
+  print(
+    'max |diff|',
+    diff,
+    'min per-image map correlation',
+    min(corr),
+    'image-score Spearman',
+    scipy.stats.spearmanr(s16['scores'], s32['scores'])[0],
+  )
   assert min(corr) > 0.99
   assert scipy.stats.spearmanr(s16['scores'], s32['scores'])[0] > 0.95

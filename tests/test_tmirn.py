@@ -7,13 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import override
 
 from configs import tmirn as tmirn_config
 from jaxad import metrics, parallel, train
 from jaxad.data import pipeline
 from jaxad.models import tmirn
-
-from conftest import override
 
 
 def _tiny_config(**overrides):
@@ -25,7 +24,7 @@ def _tiny_config(**overrides):
   c.dataset.image_size = 64
   c.batch_size = 4
   c.eval_batch_size = 4
-  c.optimizer.warmup_steps = 0    # A first step with learning rate 0 would change nothing.
+  c.optimizer.warmup_steps = 0  # A first step with learning rate 0 would change nothing.
   c.tmirn.base_width = 4
   c.tmirn.disc_base_width = 4
   c.tmirn.head_dim = 4
@@ -36,6 +35,7 @@ def _tiny_config(**overrides):
 
 
 # --------------------------------------------------------------------------- shapes (Table I)
+
 
 def test_paper_shapes_match_table1():
   config = tmirn_config.get_config('paper')
@@ -48,8 +48,12 @@ def test_paper_shapes_match_table1():
   large, fused = jax.eval_shape(lambda v, s: enc.apply(v, s, train=False), ev, scales)
   # MTFE of the large scale: 112 (32 ch) -> 56 (64) -> 28 (128) -> 14 (256) -> 7 (512).
   assert {l: f.shape for l, f in large.items()} == {
-      1: (2, 112, 112, 32), 2: (2, 56, 56, 64), 3: (2, 28, 28, 128), 4: (2, 14, 14, 256),
-      5: (2, 7, 7, 512)}
+    1: (2, 112, 112, 32),
+    2: (2, 56, 56, 64),
+    3: (2, 28, 28, 128),
+    4: (2, 14, 14, 256),
+    5: (2, 7, 7, 512),
+  }
   # Table I: low 128x28x28, mid 256x14x14, high 512x7x7.
   assert [f.shape for f in fused] == [(2, 28, 28, 128), (2, 14, 14, 256), (2, 7, 7, 512)]
   # The medium scale starts at 56, the small at 28; each ends at 7.
@@ -77,8 +81,9 @@ def test_skip_and_maff_switches(num_skips):
   gen, _ = tmirn.networks(config)
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   params = jax.eval_shape(lambda x: gen.init(jax.random.key(0), x, train=False), x)['params']
-  assert sorted(k for k in params if k.startswith('skip_')) == \
-      [f'skip_{l}' for l in (5, 4, 3)[:num_skips]][::-1]
+  assert (
+    sorted(k for k in params if k.startswith('skip_')) == [f'skip_{l}' for l in (5, 4, 3)[:num_skips]][::-1]
+  )
   maff = params['encoder']['maff']
   assert ('eca_low' in maff) == config.tmirn.use_maff
   assert ('cbl_3' in maff) == (not config.tmirn.use_maff)
@@ -86,17 +91,18 @@ def test_skip_and_maff_switches(num_skips):
 
 # --------------------------------------------------------------------------- ECA, pooled attention
 
+
 def test_eca_matches_numpy_reference():
   assert [tmirn.eca_kernel_size(c) for c in (64, 128, 256, 512)] == [3, 5, 5, 5]  # ECA-Net's rule.
   x = jax.random.normal(jax.random.key(0), (2, 5, 6, 128))
   eca = tmirn.ECA()
   v = eca.init(jax.random.key(1), x)
-  w = np.asarray(v['params']['conv']['kernel'])[:, 0, 0]          # [k]
+  w = np.asarray(v['params']['conv']['kernel'])[:, 0, 0]  # [k]
   xn = np.asarray(x)
-  m = xn.mean(axis=(1, 2))                                         # [B, C]
+  m = xn.mean(axis=(1, 2))  # [B, C]
   k = len(w)
   padded = np.pad(m, ((0, 0), (k // 2, k // 2)))
-  conv = np.stack([padded[:, i:i + k] @ w for i in range(m.shape[1])], axis=1)
+  conv = np.stack([padded[:, i : i + k] @ w for i in range(m.shape[1])], axis=1)
   ref = xn * (1 / (1 + np.exp(-conv)))[:, None, None, :]
   np.testing.assert_allclose(np.asarray(eca.apply(v, x)), ref, atol=1e-5)
 
@@ -123,6 +129,7 @@ def test_pooled_attention_matches_numpy_reference(pool):
 
 
 # --------------------------------------------------------------------------- losses and score
+
 
 def test_gradient_penalty_zero_for_unit_gradient_linear_critic():
   rng = np.random.default_rng(0)
@@ -172,17 +179,15 @@ def test_mean_smoothing_matches_numpy_reference():
     r = k // 2
     for i in range(9):
       for j in range(9):
-        ref[:, i, j] += maps[:, max(0, i - r):i + r + 1, max(0, j - r):j + r + 1].mean(axis=(1, 2)) / 3
+        ref[:, i, j] += maps[:, max(0, i - r) : i + r + 1, max(0, j - r) : j + r + 1].mean(axis=(1, 2)) / 3
   np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
 def test_score_parts_compose_as_eq12_to_14():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((2, 32, 32, 3)), jnp.float32)
-  recon = tuple(s + 0.1 * jnp.asarray(rng.normal(size=s.shape), jnp.float32)
-                for s in tmirn.multiscale(x))
-  enc_f = tuple(jnp.asarray(rng.normal(size=(2, n, n, c)), jnp.float32)
-                for n, c in ((8, 4), (4, 8), (2, 16)))
+  recon = tuple(s + 0.1 * jnp.asarray(rng.normal(size=s.shape), jnp.float32) for s in tmirn.multiscale(x))
+  enc_f = tuple(jnp.asarray(rng.normal(size=(2, n, n, c)), jnp.float32) for n, c in ((8, 4), (4, 8), (2, 16)))
   dec_f = tuple(f + jnp.asarray(rng.normal(size=f.shape), jnp.float32) for f in enc_f)
   cfg = _tiny_config().tmirn
   parts = {}
@@ -193,8 +198,11 @@ def test_score_parts_compose_as_eq12_to_14():
   np.testing.assert_allclose(parts['both'], parts['image'] * parts['feature'], rtol=1e-5)
   # S_i at the large scale alone is the channel norm of the residual (Eq. 12, lambda = (1, 0, 0)).
   cfg.score_parts, cfg.scale_weights, cfg.image_smoothing_sigma = 'image', (1.0, 0.0, 0.0), 0.0
-  np.testing.assert_allclose(np.asarray(tmirn.anomaly_map(x, recon, enc_f, dec_f, cfg)),
-                             np.linalg.norm(np.asarray(x - recon[0]), axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(tmirn.anomaly_map(x, recon, enc_f, dec_f, cfg)),
+    np.linalg.norm(np.asarray(x - recon[0]), axis=-1),
+    rtol=1e-5,
+  )
   # Without smoothing S_f is the plain upsampled feature residual, which differs from the smoothed one.
   cfg.score_parts, cfg.smooth_kernels = 'feature', ()
   plain = np.asarray(tmirn.anomaly_map(x, recon, enc_f, dec_f, cfg))
@@ -202,6 +210,7 @@ def test_score_parts_compose_as_eq12_to_14():
 
 
 # --------------------------------------------------------------------------- one GAN step
+
 
 def _flat(tree):
   return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
@@ -235,6 +244,7 @@ def test_one_gan_step_updates_both_networks_and_nothing_else():
 
 # --------------------------------------------------------------------------- harness runs
 
+
 def _train(config, workdir, category, stop_after=None):
   root = config.dataset.root
   samples = pipeline.scan(config, root, category, 'train')
@@ -256,10 +266,20 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tiny_dataset, tm
     return dataclasses.replace(model, train_step=train_step)
 
   monkeypatch.setattr(tmirn, 'build', poisoned_build)
-  config = _tiny_config(**{'dataset.name': 'folder', 'dataset.root': tiny_dataset,
-                           'num_epochs': 2, 'checkpoint_every': 1, 'log_every': 1})
-  with pytest.raises(train.TrainingDiverged, match=r"Non-finite .*'loss'.* at step 3.*"
-                                                   r"Last good checkpoint: step 2"):
+  config = _tiny_config(
+    **{
+      'dataset.name': 'folder',
+      'dataset.root': tiny_dataset,
+      'num_epochs': 2,
+      'checkpoint_every': 1,
+      'log_every': 1,
+    }
+  )
+  with pytest.raises(
+    train.TrainingDiverged,
+    match=r"Non-finite .*'loss'.* at step 3.*"
+    r'Last good checkpoint: step 2',
+  ):
     _train(config, tmp_path, 'weave')
   steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps[-1] == 2
@@ -278,6 +298,7 @@ def short_run_metrics(root: str, workdir, seed: int = 0) -> dict:
   config.num_heatmaps = 0
   model, state, frozen = _train(config, workdir, 'ring_seal')
   from jaxad import evaluate
+
   test = pipeline.scan(config, root, 'ring_seal', 'test')
   scored = evaluate.score_samples(config, model, state, frozen, test, parallel.make_mesh())
   return metrics.compute_all(scored['scores'], scored['labels'], scored['maps'], scored['masks'])

@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import override
+
 from jaxad import losses, metrics, parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import layers, vit_memae
 
-
 # --------------------------------------------------------------------------- memory (Eq. 7-10)
+
 
 def _memory(items: np.ndarray, **kwargs):
   mem = layers.Memory(items.shape[0], **kwargs)
@@ -45,8 +45,7 @@ def test_shrunk_addressing_weights_are_a_sparse_distribution():
 
 def test_hard_shrink_is_relu_gate():
   w = jnp.array([0.0, 0.01, 0.0199, 0.0201, 0.5])
-  np.testing.assert_allclose(np.asarray(layers.hard_shrink(w, 0.02)), [0, 0, 0, 0.0201, 0.5],
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(layers.hard_shrink(w, 0.02)), [0, 0, 0, 0.0201, 0.5], rtol=1e-6)
 
 
 def test_query_equal_to_a_memory_item_retrieves_it():
@@ -74,6 +73,7 @@ def test_query_equal_to_a_memory_item_retrieves_it():
 
 # --------------------------------------------------------------------------- coordinate attention
 
+
 def test_coordinate_attention_shape_and_batch_stats():
   x = jax.random.normal(jax.random.key(0), (3, 5, 7, 48))
   ca = layers.CoordinateAttention(reduction=4)
@@ -81,8 +81,9 @@ def test_coordinate_attention_shape_and_batch_stats():
   y, upd = ca.apply(v, x, train=True, mutable=['batch_stats'])
   assert y.shape == x.shape
   assert v['params']['conv_shared']['kernel'].shape == (1, 1, 48, 12)
-  assert not np.allclose(np.asarray(upd['batch_stats']['bn']['mean']),
-                         np.asarray(v['batch_stats']['bn']['mean']))
+  assert not np.allclose(
+    np.asarray(upd['batch_stats']['bn']['mean']), np.asarray(v['batch_stats']['bn']['mean'])
+  )
   assert ca.apply(v, x, train=False).shape == x.shape
 
 
@@ -91,8 +92,11 @@ def test_coordinate_attention_is_identity_when_gates_saturate(train_mode):
   x = jax.random.normal(jax.random.key(0), (2, 6, 4, 16))
   ca = layers.CoordinateAttention(reduction=2, gate_bias_init=nn.initializers.constant(40.0))
   v = ca.init(jax.random.key(1), x, train=False)
-  y = ca.apply(v, x, train=train_mode, mutable=['batch_stats'])[0] if train_mode else \
-      ca.apply(v, x, train=False)
+  y = (
+    ca.apply(v, x, train=train_mode, mutable=['batch_stats'])[0]
+    if train_mode
+    else ca.apply(v, x, train=False)
+  )
   np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-6)
   # With ordinary gates the output is x re-weighted by a factor in (0, 1) per (h, c) and (w, c).
   ca0 = layers.CoordinateAttention(reduction=2)
@@ -103,8 +107,10 @@ def test_coordinate_attention_is_identity_when_gates_saturate(train_mode):
 
 # --------------------------------------------------------------------------- SSIM, transposed conv
 
+
 def _test_images(seed=0, n=2, size=48, channels=3):
   from scipy import ndimage
+
   rng = np.random.default_rng(seed)
   a = ndimage.gaussian_filter(rng.random((n, size, size, channels)), (0, 2, 2, 0))
   a = (a - a.min()) / (a.max() - a.min())
@@ -114,16 +120,23 @@ def _test_images(seed=0, n=2, size=48, channels=3):
 
 def test_dm_pix_ssim_matches_skimage():
   from skimage.metrics import structural_similarity
+
   a, b = _test_images()
   ours = np.asarray(losses.ssim_map(jnp.asarray(a), jnp.asarray(b), pad=None)).mean(axis=(1, 2))
-  ref = [structural_similarity(x, y, data_range=1.0, channel_axis=-1, gaussian_weights=True,
-                               sigma=1.5, use_sample_covariance=False) for x, y in zip(a, b)]
+  ref = [
+    structural_similarity(
+      x, y, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+    )
+    for x, y in zip(a, b)
+  ]
   np.testing.assert_allclose(ours, ref, atol=2e-5)
   # The banded-matmul window equals dm-pix's own filter; the padded map is full size.
   import dm_pix
+
   plain = np.asarray(dm_pix.ssim(jnp.asarray(a), jnp.asarray(b), return_map=True)).mean(-1)
-  np.testing.assert_allclose(np.asarray(losses.ssim_map(jnp.asarray(a), jnp.asarray(b), pad=None)),
-                             plain, atol=2e-5)
+  np.testing.assert_allclose(
+    np.asarray(losses.ssim_map(jnp.asarray(a), jnp.asarray(b), pad=None)), plain, atol=2e-5
+  )
   full = losses.ssim_map(jnp.asarray(a), jnp.asarray(b))
   assert full.shape == a.shape[:3]
   assert float(losses.ssim_loss(jnp.asarray(a), jnp.asarray(a))) == pytest.approx(0.0, abs=1e-5)
@@ -136,15 +149,16 @@ def test_subpixel_conv_transpose_equals_flax(kernel, stride):
   ref = nn.ConvTranspose(4, (kernel, kernel), strides=(stride, stride), padding='SAME')
   params = ref.init(jax.random.key(1), x)
   ours = layers.SubpixelConvTranspose(4, kernel, stride)
-  np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(ref.apply(params, x)),
-                             atol=1e-5)
+  np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(ref.apply(params, x)), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- configs through the harness
 
+
 def tiny_vit_memae_config(root: str, variant: str = '', **overrides):
   """configs/vit_memae.py[:variant] at 64x64 with a 1-block ViT and a thin decoder (same structure)."""
   from configs import vit_memae as cfg_module
+
   c = cfg_module.get_config(variant)
   c.dataset.name = 'folder'
   c.dataset.root = root
@@ -155,7 +169,7 @@ def tiny_vit_memae_config(root: str, variant: str = '', **overrides):
   c.log_every = 1
   c.checkpoint_every = 1000
   c.num_heatmaps = 0
-  c.vit_memae.width = 64 if variant else 32   # :paper keeps its 8 heads (head dim 8).
+  c.vit_memae.width = 64 if variant else 32  # :paper keeps its 8 heads (head dim 8).
   c.vit_memae.num_heads = 8 if variant else 4
   c.vit_memae.depth = 1
   c.vit_memae.decoder_channels = (32, 32, 16, 16, 8, 8)
@@ -172,6 +186,7 @@ def _train(config, workdir, categories=None, stop_after=None):
 
 def _score(config, model, state, category):
   from jaxad import evaluate
+
   test = pipeline.scan(config, config.dataset.root, category, 'test')
   return evaluate.score_samples(config, model, state, {}, test, parallel.make_mesh())
 
@@ -188,8 +203,10 @@ def _btad_layout(src_root: str, dst_root: str) -> str:
     for name in sorted(os.listdir(os.path.join(src, 'test', t))):
       stem, ext = os.path.splitext(name)
       shutil.copy(os.path.join(src, 'test', t, name), os.path.join(dst, 'test', 'ko', f'{t}{stem}{ext}'))
-      shutil.copy(os.path.join(src, 'ground_truth', t, f'{stem}_mask.png'),
-                  os.path.join(dst, 'ground_truth', 'ko', f'{t}{stem}.png'))
+      shutil.copy(
+        os.path.join(src, 'ground_truth', t, f'{stem}_mask.png'),
+        os.path.join(dst, 'ground_truth', 'ko', f'{t}{stem}.png'),
+      )
   return dst_root
 
 
@@ -216,10 +233,13 @@ def test_config_one_step_through_harness(variant, tiny_dataset, tmp_path):
     assert 0 < scored['labels'].sum() < n and scored['masks'][scored['labels'] == 1].any()
 
 
-@pytest.mark.parametrize('tag,memory,attention', [('base', False, False), ('mem', True, False),
-                                                  ('ca', False, True), ('full', True, True)])
+@pytest.mark.parametrize(
+  'tag,memory,attention',
+  [('base', False, False), ('mem', True, False), ('ca', False, True), ('full', True, True)],
+)
 def test_table6_ablation_tags(tag, memory, attention, tiny_dataset):
   from configs import vit_memae as cfg_module
+
   for variant in ('', 'paper'):
     c = cfg_module.get_config(f'{variant},{tag}')
     assert (c.vit_memae.use_memory, c.vit_memae.use_coord_attention) == (memory, attention)
@@ -242,26 +262,45 @@ def test_bad_patch_and_strides_are_rejected(tiny_dataset):
     vit_memae.build(config, 10)
   with pytest.raises(ValueError, match='ablation'):
     from configs import vit_memae as cfg_module
+
     cfg_module.get_config('paper,nope')
 
 
 # --------------------------------------------------------------------------- learning
 
+
 def _small_net_config(root: str, epochs: int, **overrides):
   """64x64, P=8 (an 8x8 feature map), a 2-block width-64 ViT and a thin decoder: seconds per epoch."""
-  return tiny_vit_memae_config(root, **{
-      'num_epochs': epochs, 'log_every': 1000, 'vit_memae.patch_size': 8, 'vit_memae.width': 64,
-      'vit_memae.depth': 2, 'vit_memae.decoder_channels': (64, 64, 32, 32, 16, 16),
-      'vit_memae.decoder_strides': (1, 1, 1, 2, 2, 2), **overrides})
+  return tiny_vit_memae_config(
+    root,
+    **{
+      'num_epochs': epochs,
+      'log_every': 1000,
+      'vit_memae.patch_size': 8,
+      'vit_memae.width': 64,
+      'vit_memae.depth': 2,
+      'vit_memae.decoder_channels': (64, 64, 32, 32, 16, 16),
+      'vit_memae.decoder_strides': (1, 1, 1, 2, 2, 2),
+      **overrides,
+    },
+  )
 
 
 @pytest.fixture(scope='module')
 def small_dataset(tmp_path_factory) -> str:
   """weave and ring_seal at 64x64: 40 train, 8 good + 12 defect test images each (~2 s to generate)."""
   from jaxad.data import synthetic
-  return synthetic.generate(str(tmp_path_factory.mktemp('vit_memae_small')), seed=0, image_size=64,
-                            num_train=40, num_test_good=8, num_test_defect=12,
-                            categories=('weave', 'ring_seal'), progress=False)
+
+  return synthetic.generate(
+    str(tmp_path_factory.mktemp('vit_memae_small')),
+    seed=0,
+    image_size=64,
+    num_train=40,
+    num_test_good=8,
+    num_test_defect=12,
+    categories=('weave', 'ring_seal'),
+    progress=False,
+  )
 
 
 def test_short_training_beats_chance_by_a_wide_margin(small_dataset, tmp_path):
@@ -285,6 +324,7 @@ def test_short_training_beats_chance_by_a_wide_margin(small_dataset, tmp_path):
 
 # --------------------------------------------------------------------------- memory vs pasted defect
 
+
 def _paste_dark_squares(images: np.ndarray, size: int, seed: int = 0):
   """Darkens one size x size square per image (x 0.4): a 'stain' whose mask is exact."""
   rng = np.random.default_rng(seed)
@@ -292,7 +332,7 @@ def _paste_dark_squares(images: np.ndarray, size: int, seed: int = 0):
   n, h, w, _ = images.shape
   for i in range(n):
     y, x = rng.integers(h // 8, h - size - h // 8, size=2)
-    masks[i, y:y + size, x:x + size] = True
+    masks[i, y : y + size, x : x + size] = True
   out[masks] *= 0.4
   return out, masks
 
@@ -318,8 +358,12 @@ def test_memory_suppresses_a_pasted_defect_more_than_base(small_dataset, tmp_pat
   results = {'base': [], 'memory': []}
   for seed in (0, 1, 2):
     for name, use_memory in (('base', False), ('memory', True)):
-      config = _small_net_config(root, epochs=40, seed=seed, **{
-          'vit_memae.use_memory': use_memory, 'vit_memae.use_coord_attention': False})
+      config = _small_net_config(
+        root,
+        epochs=40,
+        seed=seed,
+        **{'vit_memae.use_memory': use_memory, 'vit_memae.use_coord_attention': False},
+      )
       _, state, _ = _train(config, tmp_path / f'{name}{seed}', ['ring_seal'])
       good = [t for t in pipeline.scan(config, root, 'ring_seal', 'test') if t.label == 0]
       source = pipeline.ImageSource(good, 64, 3)
@@ -329,10 +373,11 @@ def test_memory_suppresses_a_pasted_defect_more_than_base(small_dataset, tmp_pat
       recon = np.asarray(jax.jit(lambda s, x: vit_memae.reconstruct(net, s, x))(state, pasted))
       residual = np.mean((pasted - recon) ** 2, axis=-1)
       energy = np.mean((pasted - clean) ** 2, axis=-1)
-      results[name].append((residual[mask].mean(), residual[~mask].mean(),
-                            residual[mask].mean() / energy[mask].mean()))
+      results[name].append(
+        (residual[mask].mean(), residual[~mask].mean(), residual[mask].mean() / energy[mask].mean())
+      )
   print('pasted stain (inside, outside, suppression) per seed:', results)
   base, memory = np.mean(results['base'], axis=0), np.mean(results['memory'], axis=0)
-  assert memory[0] > 1.15 * base[0]           # In-mask residual (measured x1.20).
-  assert memory[2] > base[2] + 0.05           # Fraction of the stain left (measured +0.067).
-  assert memory[1] < 1.3 * base[1]            # Not by reconstructing everything worse (x1.14).
+  assert memory[0] > 1.15 * base[0]  # In-mask residual (measured x1.20).
+  assert memory[2] > base[2] + 0.05  # Fraction of the stain left (measured +0.067).
+  assert memory[1] < 1.3 * base[1]  # Not by reconstructing everything worse (x1.14).

@@ -1,6 +1,7 @@
 """ViT-Mem-CA Table 6: base / +memory / +coordinate attention / both.
 
-python -m jaxad.sweep --config configs/vit_memae.py:paper --sweep configs/sweeps/vit_memae_ablation.py --seeds 5
+python -m jaxad.sweep --config configs/vit_memae.py:paper \
+  --sweep configs/sweeps/vit_memae_ablation.py --seeds 5
 """
 
 from jaxad.sweep import grid

@@ -27,7 +27,7 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
   x = (np.arange(w) + 0.5) * res[1] / w
   yi, xi = np.floor(y).astype(int), np.floor(x).astype(int)
   fy, fx = (y - yi)[:, None], (x - xi)[None, :]
-  fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3
+  fade = lambda t: 6 * t**5 - 15 * t**4 + 10 * t**3
 
   def corner(dy, dx):
     g = grads[(yi + dy)[:, None], (xi + dx)[None, :]]
@@ -39,8 +39,9 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
   return (np.sqrt(2) * (top * (1 - uy) + bottom * uy)).astype(np.float32)
 
 
-def perlin_mask(size: int, rng: np.random.Generator, coverage: tuple[float, float],
-                scales: tuple[int, int]) -> np.ndarray:
+def perlin_mask(
+  size: int, rng: np.random.Generator, coverage: tuple[float, float], scales: tuple[int, int]
+) -> np.ndarray:
   """Binary float32 [size, size] mask: Perlin noise (lattice 2^a x 2^b, a, b in [scales]) thresholded at
   the quantile that leaves a fraction U(coverage) of the pixels on, then rotated by a random angle."""
   res = tuple(2 ** int(rng.integers(scales[0], scales[1] + 1)) for _ in range(2))
@@ -54,8 +55,7 @@ def procedural_texture(size: int, channels: int, rng: np.random.Generator) -> np
   """A random texture in [0, 1]: per-channel multi-octave Perlin noise plus a random sinusoidal grating."""
   octaves = []
   for c in range(channels):
-    n = sum(perlin_noise((size, size), (2 ** o, 2 ** o), rng) / 2 ** (o - 1)
-            for o in range(1, 5))
+    n = sum(perlin_noise((size, size), (2**o, 2**o), rng) / 2 ** (o - 1) for o in range(1, 5))
     octaves.append(n)
   noise = np.stack(octaves, -1)
   yy, xx = np.mgrid[:size, :size] / size
@@ -86,10 +86,11 @@ class DefectSynthesizer:
   fill: 'train' (augmented other training images), 'procedural' (random textures), or 'folder'
   (augmented images from `fill_paths`).
   """
+
   fill: str
   coverage: tuple[float, float]
   scales: tuple[int, int]
-  source: object = None            # the training source (fill='train')
+  source: object = None  # the training source (fill='train')
   fill_paths: tuple[str, ...] = ()  # image files (fill='folder')
 
   def fill_image(self, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
@@ -107,8 +108,7 @@ class DefectSynthesizer:
     mask = perlin_mask(size, rng, self.coverage, self.scales)
     fill = self.fill_image(size, channels, rng)
     m = mask[..., None]
-    return {**example, 'defect_image': (image * (1 - m) + fill * m).astype(np.float32),
-            'defect_mask': mask}
+    return {**example, 'defect_image': (image * (1 - m) + fill * m).astype(np.float32), 'defect_mask': mask}
 
 
 _EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
@@ -123,8 +123,9 @@ def synthesizer(config: ml_collections.ConfigDict, source) -> DefectSynthesizer 
   if d.fill == 'folder':
     if not d.fill_root or not os.path.isdir(d.fill_root):
       raise ValueError(f"defects.fill='folder' needs defects.fill_root, an image folder; got {d.fill_root!r}")
-    paths = tuple(sorted(os.path.join(r, f) for r, _, fs in os.walk(d.fill_root) for f in fs
-                         if f.lower().endswith(_EXTS)))
+    paths = tuple(
+      sorted(os.path.join(r, f) for r, _, fs in os.walk(d.fill_root) for f in fs if f.lower().endswith(_EXTS))
+    )
     if not paths:
       raise ValueError(f'defects.fill_root {d.fill_root!r} holds no images ({", ".join(_EXTS)}).')
   elif d.fill not in ('train', 'procedural'):
@@ -132,5 +133,6 @@ def synthesizer(config: ml_collections.ConfigDict, source) -> DefectSynthesizer 
   lo, hi = d.coverage
   if not 0 < lo <= hi < 1:
     raise ValueError(f'defects.coverage {tuple(d.coverage)} must satisfy 0 < lo <= hi < 1.')
-  return DefectSynthesizer(d.fill, (float(lo), float(hi)), tuple(int(s) for s in d.perlin_scales),
-                           source, paths)
+  return DefectSynthesizer(
+    d.fill, (float(lo), float(hi)), tuple(int(s) for s in d.perlin_scales), source, paths
+  )

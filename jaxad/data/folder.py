@@ -42,9 +42,7 @@ def _list_images(folder: str) -> list[str]:
   """Sorted image file names in `folder` (DatasetError if it is missing)."""
   if not os.path.isdir(folder):
     raise DatasetError(f'{folder}: folder does not exist')
-  return sorted(
-      n for n in os.listdir(folder)
-      if _is_image(n) and os.path.isfile(os.path.join(folder, n)))
+  return sorted(n for n in os.listdir(folder) if _is_image(n) and os.path.isfile(os.path.join(folder, n)))
 
 
 def list_categories(root: str) -> list[str]:
@@ -53,11 +51,10 @@ def list_categories(root: str) -> list[str]:
   if not os.path.isdir(root):
     raise DatasetError(f'{root}: dataset root does not exist')
   cats = sorted(
-      n for n in os.listdir(root)
-      if not n.startswith('.') and os.path.isdir(os.path.join(root, n, 'train')))
+    n for n in os.listdir(root) if not n.startswith('.') and os.path.isdir(os.path.join(root, n, 'train'))
+  )
   if not cats:
-    raise DatasetError(
-        f'{root}: no category folders found (expected <root>/<category>/train/)')
+    raise DatasetError(f'{root}: no category folders found (expected <root>/<category>/train/)')
   return cats
 
 
@@ -77,13 +74,13 @@ def resolve_categories(root: str, categories, available: list[str] | None = None
   unknown = [c for c in categories if c not in available]
   if unknown:
     raise DatasetError(
-        f'{os.fspath(root)}: unknown categor{"y" if len(unknown) == 1 else "ies"} '
-        f'{", ".join(map(repr, unknown))}; available: {", ".join(available)}')
+      f'{os.fspath(root)}: unknown categor{"y" if len(unknown) == 1 else "ies"} '
+      f'{", ".join(map(repr, unknown))}; available: {", ".join(available)}'
+    )
   return categories
 
 
-def _find_mask(gt_dir: str, gt_names: dict[str, str], stem: str,
-               mask_suffix: str) -> str | None:
+def _find_mask(gt_dir: str, gt_names: dict[str, str], stem: str, mask_suffix: str) -> str | None:
   """Mask path for `stem` with any supported extension (or None)."""
   for ext in IMAGE_EXTENSIONS:  # deterministic preference: .png first
     name = gt_names.get((stem + mask_suffix + ext).lower())
@@ -92,8 +89,9 @@ def _find_mask(gt_dir: str, gt_names: dict[str, str], stem: str,
   return None
 
 
-def scan_split(root: str, category: str, split: str, *, good_name: str = 'good',
-               mask_suffix: str = '_mask') -> list[Sample]:
+def scan_split(
+  root: str, category: str, split: str, *, good_name: str = 'good', mask_suffix: str = '_mask'
+) -> list[Sample]:
   """All samples of one split, sorted by defect type then file name."""
   if split not in SPLITS:
     raise DatasetError(f'split must be one of {SPLITS}, got {split!r}')
@@ -106,16 +104,15 @@ def scan_split(root: str, category: str, split: str, *, good_name: str = 'good',
   else:
     if not os.path.isdir(split_dir):
       raise DatasetError(f'{split_dir}: folder does not exist')
-    type_dirs = sorted(n for n in os.listdir(split_dir)
-                       if not n.startswith('.')
-                       and os.path.isdir(os.path.join(split_dir, n)))
+    type_dirs = sorted(
+      n for n in os.listdir(split_dir) if not n.startswith('.') and os.path.isdir(os.path.join(split_dir, n))
+    )
   samples = []
   for tdir in type_dirs:
     folder = os.path.join(split_dir, tdir)
     names = _list_images(folder)
     if tdir == good_name:
-      samples += [Sample(os.path.join(folder, n), category, 'good', 0, None)
-                  for n in names]
+      samples += [Sample(os.path.join(folder, n), category, 'good', 0, None) for n in names]
       continue
     gt_dir = os.path.join(cat_dir, 'ground_truth', tdir)
     gt_names = {}
@@ -127,12 +124,14 @@ def scan_split(root: str, category: str, split: str, *, good_name: str = 'good',
       if mask is None:
         expected = os.path.join(gt_dir, stem + mask_suffix + '.png')
         raise DatasetError(
-            f'{os.path.join(folder, n)}: defect image has no mask; expected '
-            f'{expected} (or another of {", ".join(IMAGE_EXTENSIONS)})')
+          f'{os.path.join(folder, n)}: defect image has no mask; expected '
+          f'{expected} (or another of {", ".join(IMAGE_EXTENSIONS)})'
+        )
       samples.append(Sample(os.path.join(folder, n), category, tdir, 1, mask))
   if not samples:
-    raise DatasetError(f'{split_dir}: no images found in {category}/{split} '
-                       f'(extensions {", ".join(IMAGE_EXTENSIONS)})')
+    raise DatasetError(
+      f'{split_dir}: no images found in {category}/{split} (extensions {", ".join(IMAGE_EXTENSIONS)})'
+    )
   samples.sort(key=lambda s: (s.defect_type, os.path.basename(s.image_path)))
   return samples
 
@@ -156,12 +155,17 @@ def _decode(path: str, what: str, convert):
       im.load()
       return convert(im)
   except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ...
-    raise DatasetError(
-        f'{path}: cannot read {what} ({type(e).__name__}: {e})') from e
+    raise DatasetError(f'{path}: cannot read {what} ({type(e).__name__}: {e})') from e
 
 
-_HIGH_BIT_SCALE = {'I;16': 65535.0, 'I;16L': 65535.0, 'I;16B': 65535.0,
-                   'I;16N': 65535.0, 'I': 65535.0, 'F': 1.0}
+_HIGH_BIT_SCALE = {
+  'I;16': 65535.0,
+  'I;16L': 65535.0,
+  'I;16B': 65535.0,
+  'I;16N': 65535.0,
+  'I': 65535.0,
+  'F': 1.0,
+}
 
 
 def _image_to_array(im: Image.Image, hw, channels: int) -> np.ndarray:
@@ -201,8 +205,7 @@ def load_image(path: str, image_size, channels: int = 3) -> np.ndarray:
 def _mask_to_array(im: Image.Image) -> np.ndarray:
   if im.mode in ('LA', 'La', 'PA'):
     im = im.convert('RGB') if im.mode == 'PA' else im.getchannel(0)
-  elif im.mode not in ('1', 'L', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F',
-                       'RGB'):
+  elif im.mode not in ('1', 'L', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F', 'RGB'):
     im = im.convert('RGB')  # P, RGBA (alpha ignored), CMYK, ...
   a = np.asarray(im)
   return a.any(axis=-1) if a.ndim == 3 else a != 0

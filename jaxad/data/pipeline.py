@@ -29,6 +29,7 @@ def dataset_root(config: ml_collections.ConfigDict) -> str:
 def _prepared(config):
   """dataset.name='tfds': the TFDS builder of the prepared ArrayRecord files (built if missing)."""
   from jaxad.data import tfds_mvtec  # Imports tensorflow-datasets only when asked for.
+
   return tfds_mvtec.prepare(config.dataset, config.dataset.tfds_dir or None)
 
 
@@ -36,6 +37,7 @@ def categories(config, root: str) -> list[str]:
   """The categories `config.dataset.categories` selects ('all' or names), checked."""
   if config.dataset.name == 'tfds':
     from jaxad.data import tfds_mvtec
+
     available = tfds_mvtec.categories(_prepared(config))
     return folder.resolve_categories(root, config.dataset.categories, available=available)
   return folder.resolve_categories(root, config.dataset.categories)
@@ -44,15 +46,18 @@ def categories(config, root: str) -> list[str]:
 def scan(config, root: str, category: str, split: str) -> list[folder.Sample]:
   if config.dataset.name == 'tfds':
     from jaxad.data import tfds_mvtec
+
     return tfds_mvtec.samples(_prepared(config), category, split)
-  return folder.scan_split(root, category, split, good_name=config.dataset.good_name,
-                           mask_suffix=config.dataset.mask_suffix)
+  return folder.scan_split(
+    root, category, split, good_name=config.dataset.good_name, mask_suffix=config.dataset.mask_suffix
+  )
 
 
 def image_source(config, samples: list[folder.Sample]):
   """The grain source of `samples`: decoded from files, or read from prepared TFDS records."""
   if config.dataset.name == 'tfds':
     from jaxad.data import tfds_mvtec
+
     return tfds_mvtec.TfdsSource(_prepared(config), samples)
   return ImageSource(samples, config.dataset.image_size, config.dataset.channels)
 
@@ -75,14 +80,19 @@ class ImageSource:
   def __getitem__(self, index):
     s = self.samples[index]
     size = self.image_size
-    mask = (folder.load_mask(s.mask_path, size) if s.mask_path
-            else np.zeros((size, size), np.uint8))
-    return {'image': folder.load_image(s.image_path, size, self.channels),
-            'label': np.int32(s.label), 'mask': mask, 'index': np.int32(index)}
+    mask = folder.load_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.uint8)
+    return {
+      'image': folder.load_image(s.image_path, size, self.channels),
+      'label': np.int32(s.label),
+      'mask': mask,
+      'index': np.int32(index),
+    }
 
   def __repr__(self):  # Stable: grain checks it when restoring an iterator state.
-    return (f'ImageSource(n={len(self)}, size={self.image_size}, channels={self.channels}, '
-            f'files={_fingerprint(self.samples)})')
+    return (
+      f'ImageSource(n={len(self)}, size={self.image_size}, channels={self.channels}, '
+      f'files={_fingerprint(self.samples)})'
+    )
 
 
 class ArraySource:
@@ -105,6 +115,7 @@ class ArraySource:
 @dataclasses.dataclass(frozen=True)
 class Augment:
   """Config-driven augmentation of one example; randomness from grain's per-example generator."""
+
   hflip: bool
   vflip: bool
   rotate: float
@@ -119,8 +130,7 @@ class Augment:
       angle = rng.uniform(-self.rotate, self.rotate)
       image = ndimage.rotate(image, angle, axes=(1, 0), reshape=False, order=1, mode='reflect')
       mask = ndimage.rotate(mask, angle, axes=(1, 0), reshape=False, order=0, mode='constant')
-    return {**example, 'image': np.ascontiguousarray(image, np.float32),
-            'mask': np.ascontiguousarray(mask)}
+    return {**example, 'image': np.ascontiguousarray(image, np.float32), 'mask': np.ascontiguousarray(mask)}
 
 
 def augmentation(config) -> Augment | None:
@@ -131,8 +141,10 @@ def augmentation(config) -> Augment | None:
 def total_steps(num_examples: int, config) -> int:
   steps = math.floor(num_examples * config.num_epochs / config.batch_size)
   if steps < 1:
-    raise ValueError(f'{num_examples} training examples x {config.num_epochs} epochs give no full '
-                     f'batch of {config.batch_size}.')
+    raise ValueError(
+      f'{num_examples} training examples x {config.num_epochs} epochs give no full '
+      f'batch of {config.batch_size}.'
+    )
   return steps
 
 
@@ -152,8 +164,11 @@ def train_iterator(source, config, *, process_index: int, process_count: int):
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   it = ds.to_iter_dataset()
   if config.dataset.num_workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.dataset.num_workers, per_worker_buffer_size=config.dataset.prefetch))
+    it = it.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=config.dataset.num_workers, per_worker_buffer_size=config.dataset.prefetch
+      )
+    )
   return iter(it)
 
 
@@ -164,8 +179,9 @@ def ordered_batches(source, batch_size: int, num_workers: int = 0, prefetch: int
   """
   ds = grain.MapDataset.source(source).batch(batch_size, drop_remainder=False).to_iter_dataset()
   if num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=prefetch))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch)
+    )
   for batch in ds:
     n = len(next(iter(batch.values())))
     if n < batch_size:

@@ -47,11 +47,11 @@ import jaxad
 VERSION = 2
 CATEGORIES = ('weave', 'marble', 'screw_plate', 'connector', 'ring_seal')
 DEFECT_TYPES = {
-    'weave': ('hole', 'stain', 'pulled_thread', 'misweave'),
-    'marble': ('crack', 'chip', 'stain', 'scratch'),
-    'screw_plate': ('missing_screw', 'misplaced_screw', 'scratch', 'stain'),
-    'connector': ('missing_pin', 'bent_pin', 'contamination', 'crack'),
-    'ring_seal': ('broken_ring', 'missing_foil', 'off_centre', 'thermal_spot'),
+  'weave': ('hole', 'stain', 'pulled_thread', 'misweave'),
+  'marble': ('crack', 'chip', 'stain', 'scratch'),
+  'screw_plate': ('missing_screw', 'misplaced_screw', 'scratch', 'stain'),
+  'connector': ('missing_pin', 'bent_pin', 'contamination', 'crack'),
+  'ring_seal': ('broken_ring', 'missing_foil', 'off_centre', 'thermal_spot'),
 }
 GRAYSCALE = frozenset({'ring_seal'})
 AREA_RANGE = (0.0025, 0.10)  # defect mask area as a fraction of the image
@@ -64,8 +64,7 @@ _MAX_TRIES = 40
 
 
 def _rng(seed: int, category: str, split: str, index: int):
-  key = [int(seed), zlib.crc32(category.encode()), zlib.crc32(split.encode()),
-         int(index), VERSION]
+  key = [int(seed), zlib.crc32(category.encode()), zlib.crc32(split.encode()), int(index), VERSION]
   return np.random.default_rng(key)
 
 
@@ -159,15 +158,13 @@ def _polyline_alpha(size, pts, width, taper=True):
   widths = width * (np.sin(np.pi * t) ** 0.35 if taper else np.ones(n))
   alpha = np.zeros(yy.shape, np.float32)
   for k in range(n):
-    d = _sd_segment(xx, yy, *map(float, pts[k]), *map(float, pts[k + 1]),
-                    float(widths[k]) / 2)
+    d = _sd_segment(xx, yy, *map(float, pts[k]), *map(float, pts[k + 1]), float(widths[k]) / 2)
     np.maximum(alpha, _cov(d), out=alpha)
   out[sl] = alpha
   return out
 
 
-def _blob_alpha(rng, size, cx, cy, radius, *, aspect=(0.55, 1.0), rough=0.2,
-                edge=1.0):
+def _blob_alpha(rng, size, cx, cy, radius, *, aspect=(0.55, 1.0), rough=0.2, edge=1.0):
   """Alpha of an irregular blob (radius modulated by a few harmonics)."""
   ang = rng.uniform(0, np.pi)
   asp = rng.uniform(*aspect)
@@ -183,8 +180,9 @@ def _blob_alpha(rng, size, cx, cy, radius, *, aspect=(0.55, 1.0), rough=0.2,
   v = (-dx * math.sin(ang) + dy * math.cos(ang)) / asp
   r = np.hypot(u, v)
   th = np.arctan2(v, u)
-  rad = radius * (1 + sum(a * np.cos(k * th + p) for a, k, p in
-                          zip(amps.tolist(), ks.tolist(), phases.tolist())))
+  rad = radius * (
+    1 + sum(a * np.cos(k * th + p) for a, k, p in zip(amps.tolist(), ks.tolist(), phases.tolist()))
+  )
   out[sl] = np.clip((rad - r) / edge + 0.5, 0, 1)
   return out
 
@@ -248,10 +246,8 @@ def _make_weave(rng, size):
   p = 10.5 * k * rng.uniform(0.95, 1.05)
   ang = np.deg2rad(rng.uniform(-3.0, 3.0))
   phase = rng.uniform(0, 4 * p, 2).tolist()
-  warp_col = _rgb(np.array([0.27, 0.36, 0.56]) * rng.uniform(0.95, 1.05)
-                  + rng.normal(0, 0.01, 3))  # indigo
-  weft_col = _rgb(np.array([0.70, 0.69, 0.64]) * rng.uniform(0.95, 1.05)
-                  + rng.normal(0, 0.01, 3))  # undyed
+  warp_col = _rgb(np.array([0.27, 0.36, 0.56]) * rng.uniform(0.95, 1.05) + rng.normal(0, 0.01, 3))  # indigo
+  weft_col = _rgb(np.array([0.70, 0.69, 0.64]) * rng.uniform(0.95, 1.05) + rng.normal(0, 0.01, 3))  # undyed
   gi = 1 + 0.07 * rng.standard_normal(97, dtype=np.float32)
   gj = 1 + 0.07 * rng.standard_normal(97, dtype=np.float32)
   nw = _grain(rng, size, (2.5 * k, 0.5))  # fibres along the warp
@@ -272,13 +268,11 @@ def _make_weave(rng, size):
     over = phase_ij < 2  # warp thread on top (2/2 twill)
     along_w = (phase_ij + fv) / 2
     along_f = (phase_ij - 2 + fu) / 2
-    warp = (gi[np.mod(i, 97)] * (0.3 + 0.7 * pu ** 0.7)
-            * (0.86 + 0.14 * np.sin(np.pi * np.clip(along_w, 0, 1))))
-    weft = (gj[np.mod(j, 97)] * (0.3 + 0.7 * pv ** 0.7)
-            * (0.86 + 0.14 * np.sin(np.pi * np.clip(along_f, 0, 1))))
+    warp = gi[np.mod(i, 97)] * (0.3 + 0.7 * pu**0.7) * (0.86 + 0.14 * np.sin(np.pi * np.clip(along_w, 0, 1)))
+    weft = gj[np.mod(j, 97)] * (0.3 + 0.7 * pv**0.7) * (0.86 + 0.14 * np.sin(np.pi * np.clip(along_f, 0, 1)))
     if taut is not None:  # a pulled thread floats on top, taut and shiny
       over = over | taut
-      warp = np.where(taut, gi[np.mod(i, 97)] * 1.1 * (0.35 + 0.75 * pu ** 0.6), warp)
+      warp = np.where(taut, gi[np.mod(i, 97)] * 1.1 * (0.35 + 0.75 * pu**0.6), warp)
     warp = warp[..., None] * warp_col * (1 + 0.12 * nw[..., None])
     weft = weft[..., None] * weft_col * (1 + 0.12 * nf[..., None])
     img = np.where(over[..., None], warp, weft) * illum[..., None]
@@ -290,8 +284,7 @@ def _make_weave(rng, size):
   def defect(kind, rng):
     if kind == 'hole':
       cx, cy = rng.uniform(0.1 * size, 0.9 * size, 2).tolist()
-      a = _blob_alpha(rng, size, cx, cy, rng.uniform(10, 24) * k, rough=0.35,
-                      edge=1.2)
+      a = _blob_alpha(rng, size, cx, cy, rng.uniform(10, 24) * k, rough=0.35, edge=1.2)
       a = np.clip(a * (1.15 + 0.25 * nw), 0, 1)  # frayed rim
       out = _lerp(clean.copy(), [0.05, 0.05, 0.06], a)
       return out * _shade_from_alpha(a, strength=0.5)[..., None]
@@ -318,8 +311,7 @@ def _pick_thread(rng, size, u, v):
 
 def _make_marble(rng, size):
   k = size / 256
-  base = _rgb(np.array([0.83, 0.81, 0.77]) * rng.uniform(0.96, 1.03)
-              + rng.normal(0, 0.01, 3))
+  base = _rgb(np.array([0.83, 0.81, 0.77]) * rng.uniform(0.96, 1.03) + rng.normal(0, 0.01, 3))
   vein_col = _rgb(np.array([0.33, 0.34, 0.38]) + rng.normal(0, 0.02, 3))
   turb = _noise(rng, size, size / 2.5) + 0.35 * _noise(rng, size, size / 7)
   turb2 = _noise(rng, size, size / 3) + 0.3 * _noise(rng, size, size / 9)
@@ -331,9 +323,9 @@ def _make_marble(rng, size):
   s2 = (-xx * math.sin(th + 0.5) + yy * math.cos(th + 0.5)) / size
   d1 = np.abs(np.sin(np.pi * f * s + 1.3 * turb))
   d2 = np.abs(np.sin(np.pi * 1.9 * f * s2 + 1.6 * turb2))
-  soft = np.exp(-(d1 / 0.28) ** 2)
-  sharp = np.exp(-(d1 / 0.03) ** 2)
-  faint = np.exp(-(d2 / 0.04) ** 2)
+  soft = np.exp(-((d1 / 0.28) ** 2))
+  sharp = np.exp(-((d1 / 0.03) ** 2))
+  faint = np.exp(-((d2 / 0.04) ** 2))
   w = np.clip(strength * (0.35 * soft + 0.55 * sharp) + 0.15 * faint, 0, 1)
   cloud = 0.05 * _noise(rng, size, size / 5) + 0.02 * _noise(rng, size, size / 15)
   grain = 0.025 * _grain(rng, size, 0.7 * k)
@@ -345,8 +337,7 @@ def _make_marble(rng, size):
   def defect(kind, rng):
     if kind in ('crack', 'scratch'):
       crack = kind == 'crack'
-      pts = _curve(rng, size, rng.uniform(80, 200) * k, bend=1.2,
-                   jag=0.25 if crack else 0.02)
+      pts = _curve(rng, size, rng.uniform(80, 200) * k, bend=1.2, jag=0.25 if crack else 0.02)
       width = rng.uniform(3.0, 5.0) * k if crack else rng.uniform(2.5, 4.0) * k
       a = _polyline_alpha(size, pts, max(width, 1.0))
       if crack:
@@ -400,12 +391,13 @@ def _make_screw_plate(rng, size):
   plate_col = _rgb(np.array([0.66, 0.67, 0.70]) * rng.uniform(0.95, 1.05))
   screw_xy = [(sx * 0.22 * L, sy * 0.13 * L) for sy in (-1, 1) for sx in (-1, 1)]
   slot_ang = rng.uniform(0, np.pi / 2, 4).tolist()
-  light = (math.cos(-ang) * -0.7 - math.sin(-ang) * -0.7,
-           math.sin(-ang) * -0.7 + math.cos(-ang) * -0.7)  # in local frame
+  light = (
+    math.cos(-ang) * -0.7 - math.sin(-ang) * -0.7,
+    math.sin(-ang) * -0.7 + math.cos(-ang) * -0.7,
+  )  # in local frame
   r_head, r_sink, r_hole = 0.045 * L, 0.052 * L, 0.026 * L
   plate_sd = _sd_box(u, v, 0.31 * L, 0.22 * L, 0.04 * L)
-  shadow_sd = _sd_box(*_to_local(size, cx + 0.012 * L, cy + 0.016 * L, ang, sc),
-                      0.31 * L, 0.22 * L, 0.04 * L)
+  shadow_sd = _sd_box(*_to_local(size, cx + 0.012 * L, cy + 0.016 * L, ang, sc), 0.31 * L, 0.22 * L, 0.04 * L)
   shadow = ndimage.gaussian_filter(_cov(shadow_sd), 0.012 * L)
   boss_r = np.hypot(u, v)
 
@@ -447,10 +439,10 @@ def _make_screw_plate(rng, size):
       hu, hv = uu - ox, vv - oy
       dh = np.hypot(hu, hv)
       z = np.sqrt(np.clip(1 - (dh / r_head) ** 2, 0, 1))
-      spec = np.exp(-((hu - light[0] * 0.4 * r_head) ** 2 + (hv - light[1] * 0.4 * r_head) ** 2)
-                    / (0.3 * r_head) ** 2)
-      head = (_rgb([0.56, 0.58, 0.62]) * (0.55 + 0.45 * z)[..., None]
-              + 0.35 * spec[..., None])
+      spec = np.exp(
+        -((hu - light[0] * 0.4 * r_head) ** 2 + (hv - light[1] * 0.4 * r_head) ** 2) / (0.3 * r_head) ** 2
+      )
+      head = _rgb([0.56, 0.58, 0.62]) * (0.55 + 0.45 * z)[..., None] + 0.35 * spec[..., None]
       ca, sa = math.cos(slot_ang[n]), math.sin(slot_ang[n])
       a, b = hu * ca + hv * sa, -hu * sa + hv * ca
       slot = np.minimum(_sd_box(a, b, 0.032 * L, 0.007 * L), _sd_box(a, b, 0.007 * L, 0.032 * L))
@@ -474,8 +466,7 @@ def _make_screw_plate(rng, size):
       return draw(offsets=offs)
     if kind == 'scratch':
       x, y = _pick_point(rng, on_plate)
-      pts = _curve(rng, size, rng.uniform(70, 170) * L / 256, start=np.array([x, y]),
-                   bend=1.0, jag=0.03)
+      pts = _curve(rng, size, rng.uniform(70, 170) * L / 256, start=np.array([x, y]), bend=1.0, jag=0.03)
       a = _polyline_alpha(size, pts, max(rng.uniform(2.2, 3.5) * L / 256, 1.0)) * on_plate
       col = [0.92] * 3 if rng.random() < 0.5 else [0.25] * 3
       return _lerp(clean.copy(), col, a * rng.uniform(0.5, 0.9))
@@ -496,13 +487,15 @@ def _make_connector(rng, size):
   pin_jit = rng.normal(0, 0.0015 * L, (6, 2)).tolist()  # pins are not perfectly placed
   gold = _rgb(np.array([0.90, 0.72, 0.33]) * rng.uniform(0.95, 1.05))
   flange_sd = _sd_box(u, v, 0.44 * L, 0.07 * L, 0.03 * L)
-  body_sd = np.minimum(_sd_box(u, v, 0.33 * L, 0.13 * L, 0.02 * L),
-                       _sd_box(u, v + 0.15 * L, 0.07 * L, 0.03 * L, 0.008 * L))
+  body_sd = np.minimum(
+    _sd_box(u, v, 0.33 * L, 0.13 * L, 0.02 * L), _sd_box(u, v + 0.15 * L, 0.07 * L, 0.03 * L, 0.008 * L)
+  )
   ear_sd = np.minimum(np.hypot(u - 0.39 * L, v), np.hypot(u + 0.39 * L, v))
   sil = np.maximum(_cov(flange_sd), _cov(body_sd))
   su, sv = _to_local(size, cx + 0.015 * L, cy + 0.02 * L, ang, sc)
-  shadow_sil = np.maximum(_cov(_sd_box(su, sv, 0.44 * L, 0.07 * L, 0.03 * L)),
-                          _cov(_sd_box(su, sv, 0.33 * L, 0.13 * L, 0.02 * L)))
+  shadow_sil = np.maximum(
+    _cov(_sd_box(su, sv, 0.44 * L, 0.07 * L, 0.03 * L)), _cov(_sd_box(su, sv, 0.33 * L, 0.13 * L, 0.02 * L))
+  )
   shadow = ndimage.gaussian_filter(shadow_sil, 0.015 * L)
   hp, hc = 0.022 * L, 0.037 * L  # pin / cavity half size
 
@@ -569,16 +562,13 @@ def _make_connector(rng, size):
         a = _blob_alpha(rng, size, x, y, rng.uniform(9, 18) * L / 256, rough=0.4, edge=1.0)
       else:  # a fibre lying across the part
         x, y = _pick_point(rng, sil)
-        pts = _curve(rng, size, rng.uniform(70, 150) * L / 256, start=np.array([x, y]),
-                     bend=2.0, jag=0.1)
-        a = _polyline_alpha(size, pts, max(rng.uniform(2.5, 4.0) * L / 256, 1.0),
-                            taper=False)
+        pts = _curve(rng, size, rng.uniform(70, 150) * L / 256, start=np.array([x, y]), bend=2.0, jag=0.1)
+        a = _polyline_alpha(size, pts, max(rng.uniform(2.5, 4.0) * L / 256, 1.0), taper=False)
       col = [0.86, 0.85, 0.80] if rng.random() < 0.5 else [0.55, 0.38, 0.20]
       return _lerp(clean.copy(), col, a * rng.uniform(0.6, 0.95))
     if kind == 'crack':
       x, y = _pick_point(rng, housing, margin=4)
-      pts = _curve(rng, size, rng.uniform(80, 160) * L / 256, start=np.array([x, y]),
-                   bend=1.0, jag=0.3)
+      pts = _curve(rng, size, rng.uniform(80, 160) * L / 256, start=np.array([x, y]), bend=1.0, jag=0.3)
       a = _polyline_alpha(size, pts, max(rng.uniform(3.0, 4.5) * L / 256, 1.0)) * housing
       return _lerp(clean.copy(), [0.42, 0.42, 0.43], a * rng.uniform(0.5, 0.9))
     raise ValueError(kind)
@@ -639,8 +629,7 @@ def _make_ring_seal(rng, size):
       rad = rng.uniform(9, 20) * k
       t = rng.uniform(0, 2 * np.pi)
       d = rng.uniform(0, max(r_ring - hw - rad * 1.2, 1))
-      a = _blob_alpha(rng, size, cx + d * math.cos(t), cy + d * math.sin(t), rad,
-                      rough=0.3, edge=1.5 * k)
+      a = _blob_alpha(rng, size, cx + d * math.cos(t), cy + d * math.sin(t), rad, rough=0.3, edge=1.5 * k)
       return draw(foil_hole=a * rng.uniform(0.6, 1.0))
     if kind == 'off_centre':  # crooked cap: the seal ring is eccentric on one side
       half = rng.uniform(0.35, 0.9)
@@ -657,11 +646,11 @@ def _make_ring_seal(rng, size):
 
 
 _MAKERS = {
-    'weave': _make_weave,
-    'marble': _make_marble,
-    'screw_plate': _make_screw_plate,
-    'connector': _make_connector,
-    'ring_seal': _make_ring_seal,
+  'weave': _make_weave,
+  'marble': _make_marble,
+  'screw_plate': _make_screw_plate,
+  'connector': _make_connector,
+  'ring_seal': _make_ring_seal,
 }
 
 
@@ -681,13 +670,13 @@ def _parse_split(category, split):
   kind = split[5:] if split.startswith('test/') else None
   if kind not in DEFECT_TYPES[category]:
     raise ValueError(
-        f'split must be "train", "test/good" or one of '
-        f'{["test/" + t for t in DEFECT_TYPES[category]]}, got {split!r}')
+      f'split must be "train", "test/good" or one of '
+      f'{["test/" + t for t in DEFECT_TYPES[category]]}, got {split!r}'
+    )
   return kind
 
 
-def render(category: str, split: str, index: int, *, seed: int, image_size: int,
-           clean: bool = False):
+def render(category: str, split: str, index: int, *, seed: int, image_size: int, clean: bool = False):
   """Render one image: (image uint8, mask uint8 {0,255} or None, defect_type).
 
   `split` is 'train', 'test/good' or 'test/<defect type>'. Images are HxWx3,
@@ -762,8 +751,17 @@ def _write_job(root, job, seed, image_size):
     _save_png(os.path.join(root, cat, 'ground_truth', kind, stem + '_mask.png'), mask)
 
 
-def generate(root, *, seed=0, image_size=256, num_train=60, num_test_good=15,
-             num_test_defect=30, categories=CATEGORIES, progress=True) -> str:
+def generate(
+  root,
+  *,
+  seed=0,
+  image_size=256,
+  num_train=60,
+  num_test_good=15,
+  num_test_defect=30,
+  categories=CATEGORIES,
+  progress=True,
+) -> str:
   """Write the dataset in MVTec layout under `root`; returns `root`."""
   root = os.fspath(root)
   categories = tuple(categories)
@@ -778,42 +776,61 @@ def generate(root, *, seed=0, image_size=256, num_train=60, num_test_good=15,
         os.makedirs(os.path.join(root, cat, 'test', t), exist_ok=True)
         os.makedirs(os.path.join(root, cat, 'ground_truth', t), exist_ok=True)
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
   for job in tqdm(jobs, desc='jaxad synthetic dataset', unit='img', disable=not progress):
     _write_job(root, job, seed, image_size)
   meta = {
-      'name': 'jaxad-synthetic', 'version': VERSION, 'seed': seed,
-      'image_size': image_size, 'num_train': num_train,
-      'num_test_good': num_test_good, 'num_test_defect': num_test_defect,
-      'categories': {c: {'defect_types': _counts(c, num_test_defect),
-                         'channels': 1 if c in GRAYSCALE else 3}
-                     for c in categories},
-      'area_range': AREA_RANGE,
+    'name': 'jaxad-synthetic',
+    'version': VERSION,
+    'seed': seed,
+    'image_size': image_size,
+    'num_train': num_train,
+    'num_test_good': num_test_good,
+    'num_test_defect': num_test_defect,
+    'categories': {
+      c: {'defect_types': _counts(c, num_test_defect), 'channels': 1 if c in GRAYSCALE else 3}
+      for c in categories
+    },
+    'area_range': AREA_RANGE,
   }
   with open(os.path.join(root, 'dataset.json'), 'w') as f:
     json.dump(meta, f, indent=1, sort_keys=True)
   with open(os.path.join(root, 'README.txt'), 'w') as f:
     f.write(
-        f'jaxad synthetic anomaly-detection dataset, generator version {VERSION}\n'
-        f'seed={seed} image_size={image_size} train/good={num_train} '
-        f'test/good={num_test_good} test defects={num_test_defect} per category\n'
-        'Layout: MVTec AD (<category>/train/good, <category>/test/<type>, '
-        '<category>/ground_truth/<type>/<stem>_mask.png).\n'
-        'Masks are exact: the pixels where the image differs from its '
-        'defect-free rendering.\n'
-        'Categories and defect counts:\n' + ''.join(
-            f'  {c}: {", ".join(f"{t} {n}" for t, n in _counts(c, num_test_defect).items())}\n'
-            for c in categories))
+      f'jaxad synthetic anomaly-detection dataset, generator version {VERSION}\n'
+      f'seed={seed} image_size={image_size} train/good={num_train} '
+      f'test/good={num_test_good} test defects={num_test_defect} per category\n'
+      'Layout: MVTec AD (<category>/train/good, <category>/test/<type>, '
+      '<category>/ground_truth/<type>/<stem>_mask.png).\n'
+      'Masks are exact: the pixels where the image differs from its '
+      'defect-free rendering.\n'
+      'Categories and defect counts:\n'
+      + ''.join(
+        f'  {c}: {", ".join(f"{t} {n}" for t, n in _counts(c, num_test_defect).items())}\n'
+        for c in categories
+      )
+    )
   return root
 
 
 def _cache_name(seed, image_size, num_train, num_test_good, num_test_defect, categories):
-  args = json.dumps([VERSION, int(seed), image_size, num_train, num_test_good,
-                     num_test_defect, list(categories)])
+  args = json.dumps(
+    [VERSION, int(seed), image_size, num_train, num_test_good, num_test_defect, list(categories)]
+  )
   return f'synthetic-v{VERSION}-{hashlib.sha256(args.encode()).hexdigest()[:12]}'
 
 
-def ensure(cache_dir=None, *, seed=0, image_size=256, num_train=60, num_test_good=15,
-           num_test_defect=30, categories=CATEGORIES, progress=True) -> str:
+def ensure(
+  cache_dir=None,
+  *,
+  seed=0,
+  image_size=256,
+  num_train=60,
+  num_test_good=15,
+  num_test_defect=30,
+  categories=CATEGORIES,
+  progress=True,
+) -> str:
   """Generate the dataset once into the cache and return its root.
 
   The root is ``<cache_dir or $JAXAD_CACHE or ~/.cache/jaxad>/synthetic-v<V>-<hash>``.
@@ -822,16 +839,24 @@ def ensure(cache_dir=None, *, seed=0, image_size=256, num_train=60, num_test_goo
   """
   categories = tuple(categories)
   base = os.fspath(cache_dir or jaxad.cache_root())
-  root = os.path.join(base, _cache_name(seed, image_size, num_train, num_test_good,
-                                        num_test_defect, categories))
+  root = os.path.join(
+    base, _cache_name(seed, image_size, num_train, num_test_good, num_test_defect, categories)
+  )
   if os.path.exists(os.path.join(root, '.complete')):
     return root
   os.makedirs(base, exist_ok=True)
   tmp = f'{root}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
   try:
-    generate(tmp, seed=seed, image_size=image_size, num_train=num_train,
-             num_test_good=num_test_good, num_test_defect=num_test_defect,
-             categories=categories, progress=progress)
+    generate(
+      tmp,
+      seed=seed,
+      image_size=image_size,
+      num_train=num_train,
+      num_test_good=num_test_good,
+      num_test_defect=num_test_defect,
+      categories=categories,
+      progress=progress,
+    )
     with open(os.path.join(tmp, '.complete'), 'w') as f:
       f.write('ok\n')
     if os.path.isdir(root) and not os.path.exists(os.path.join(root, '.complete')):

@@ -35,9 +35,14 @@ def builder_config(dataset_config) -> LayoutConfig:
   tag = ds.tfds_name or os.path.basename(os.path.normpath(ds.root))
   if not tag:
     raise ValueError("dataset.name='tfds' needs dataset.tfds_name or dataset.root (the MVTec folder).")
-  return LayoutConfig(name=f'{tag}_{ds.image_size}px_{ds.channels}ch', version='1.0.0',
-                      image_size=ds.image_size, channels=ds.channels, good_name=ds.good_name,
-                      mask_suffix=ds.mask_suffix)
+  return LayoutConfig(
+    name=f'{tag}_{ds.image_size}px_{ds.channels}ch',
+    version='1.0.0',
+    image_size=ds.image_size,
+    channels=ds.channels,
+    good_name=ds.good_name,
+    mask_suffix=ds.mask_suffix,
+  )
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -48,6 +53,7 @@ def _png(array: np.ndarray) -> bytes:
 
 class MVTecLayout(tfds.core.GeneratorBasedBuilder):
   """Any MVTec-AD-layout dataset (manual_dir = its root), resized to the config's image size."""
+
   name = NAME
   VERSION = tfds.core.Version('1.0.0')
   MANUAL_DOWNLOAD_INSTRUCTIONS = 'manual_dir: the MVTec-layout root (<root>/<category>/train/...).'
@@ -55,14 +61,19 @@ class MVTecLayout(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     s, c = self.builder_config.image_size, self.builder_config.channels
     return tfds.core.DatasetInfo(
-        builder=self, description=f'MVTec-layout anomaly detection data at {s}x{s}x{c}.',
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(s, s, c), encoding_format='png'),
-            'mask': tfds.features.Image(shape=(s, s, 1), encoding_format='png'),
-            'label': tfds.features.Scalar(np.int32),
-            'index': tfds.features.Scalar(np.int32),
-        }),
-        metadata=tfds.core.MetadataDict(), disable_shuffling=True)
+      builder=self,
+      description=f'MVTec-layout anomaly detection data at {s}x{s}x{c}.',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(s, s, c), encoding_format='png'),
+          'mask': tfds.features.Image(shape=(s, s, 1), encoding_format='png'),
+          'label': tfds.features.Scalar(np.int32),
+          'index': tfds.features.Scalar(np.int32),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+      disable_shuffling=True,
+    )
 
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
@@ -70,11 +81,16 @@ class MVTecLayout(tfds.core.GeneratorBasedBuilder):
     samples, generators = {}, {}
     for category in folder.list_categories(root):
       for split in folder.SPLITS:
-        found = folder.scan_split(root, category, split, good_name=cfg.good_name,
-                                  mask_suffix=cfg.mask_suffix)
+        found = folder.scan_split(root, category, split, good_name=cfg.good_name, mask_suffix=cfg.mask_suffix)
         samples[f'{category}_{split}'] = [
-            [os.path.relpath(x.image_path, root), x.defect_type, x.label,
-             os.path.relpath(x.mask_path, root) if x.mask_path else None] for x in found]
+          [
+            os.path.relpath(x.image_path, root),
+            x.defect_type,
+            x.label,
+            os.path.relpath(x.mask_path, root) if x.mask_path else None,
+          ]
+          for x in found
+        ]
         generators[f'{category}_{split}'] = self._generate_examples(found)
     self.info.metadata['samples'] = samples
     return generators
@@ -83,10 +99,16 @@ class MVTecLayout(tfds.core.GeneratorBasedBuilder):
     size, channels = self.builder_config.image_size, self.builder_config.channels
     for i, s in enumerate(samples):
       image = np.round(folder.load_image(s.image_path, size, channels) * 255).astype(np.uint8)
-      mask = (folder.load_mask(s.mask_path, size) if s.mask_path
-              else np.zeros((size, size), np.uint8))
-      yield i, {'image': _png(image), 'mask': _png(mask[..., None]), 'label': np.int32(s.label),
-                'index': np.int32(i)}
+      mask = folder.load_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.uint8)
+      yield (
+        i,
+        {
+          'image': _png(image),
+          'mask': _png(mask[..., None]),
+          'label': np.int32(s.label),
+          'index': np.int32(i),
+        },
+      )
 
 
 def prepare(dataset_config, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -95,15 +117,18 @@ def prepare(dataset_config, data_dir: str | None = None) -> tfds.core.DatasetBui
   if not builder.is_prepared():
     if not dataset_config.root:
       raise ValueError(f'{builder.data_dir} is not prepared and dataset.root (manual_dir) is empty.')
-    builder.download_and_prepare(file_format='array_record', download_config=tfds.download.DownloadConfig(
-        manual_dir=dataset_config.root))
+    builder.download_and_prepare(
+      file_format='array_record', download_config=tfds.download.DownloadConfig(manual_dir=dataset_config.root)
+    )
   return builder
 
 
 def samples(builder, category: str, split: str) -> list[folder.Sample]:
   """The `folder.Sample`s of one split, from the metadata (paths relative to the original root)."""
-  return [folder.Sample(path, category, defect_type, label, mask)
-          for path, defect_type, label, mask in builder.info.metadata['samples'][f'{category}_{split}']]
+  return [
+    folder.Sample(path, category, defect_type, label, mask)
+    for path, defect_type, label, mask in builder.info.metadata['samples'][f'{category}_{split}']
+  ]
 
 
 def categories(builder) -> list[str]:
@@ -129,8 +154,9 @@ class TfdsSource:
 
   def _source(self, split):
     if split not in self._sources:
-      self._sources[split] = tfds.data_source(NAME, split=split, data_dir=self.data_dir, download=False,
-                                              builder_kwargs={'config': self.config})
+      self._sources[split] = tfds.data_source(
+        NAME, split=split, data_dir=self.data_dir, download=False, builder_kwargs={'config': self.config}
+      )
     return self._sources[split]
 
   def __len__(self):
@@ -141,8 +167,12 @@ class TfdsSource:
     record = self._source(split)[i]
     if record['index'] != i:
       raise folder.DatasetError(f'{self.data_dir}: record {i} of {split} holds example {record["index"]}')
-    return {'image': record['image'].astype(np.float32) * (1.0 / 255.0), 'label': np.int32(record['label']),
-            'mask': record['mask'][..., 0], 'index': np.int32(index)}
+    return {
+      'image': record['image'].astype(np.float32) * (1.0 / 255.0),
+      'label': np.int32(record['label']),
+      'mask': record['mask'][..., 0],
+      'index': np.int32(index),
+    }
 
   def __getstate__(self):  # grain workers reopen the files.
     return {**self.__dict__, '_sources': {}}

@@ -69,10 +69,12 @@ def load_backbone(cfg: ml_collections.ConfigDict, dtype: jnp.dtype = jnp.float32
   cfg.weights: 'imagenet' (resolved offline), a ported weights file, or 'random' (tests only).
   """
   from jaxad.models import backbones
+
   if not cfg.weights:
     raise FileNotFoundError(
-        f'backbone.weights is empty: {cfg.arch} needs ImageNet weights. Port a timm checkpoint with '
-        f'`python -m jaxad.port --arch {cfg.arch} --checkpoint FILE --out FILE` and pass '
-        f'--config.backbone.weights=FILE (or "imagenet" where an offline package provides them).')
+      f'backbone.weights is empty: {cfg.arch} needs ImageNet weights. Port a timm checkpoint with '
+      f'`python -m jaxad.port --arch {cfg.arch} --checkpoint FILE --out FILE` and pass '
+      f'--config.backbone.weights=FILE (or "imagenet" where an offline package provides them).'
+    )
   weights = None if cfg.weights == 'random' else cfg.weights
   return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features), dtype=dtype)

@@ -13,8 +13,7 @@ def sincos_pos_embed_2d(height: int, width: int, dim: int) -> np.ndarray:
   if dim % 4:
     raise ValueError(f'sincos embedding needs a width divisible by 4, got {dim}')
   omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
-  ys, xs = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64),
-                       indexing='ij')
+  ys, xs = np.meshgrid(np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing='ij')
   out = []
   for pos in (ys.reshape(-1), xs.reshape(-1)):
     angles = pos[:, None] * omega[None]
@@ -40,6 +39,7 @@ class Attention(nn.Module):
   `implementation`: None lets XLA pick, 'xla' or 'cudnn' force one (cuDNN's fused kernel needs a head
   dim that is a multiple of 8 and float16/bfloat16 inputs).
   """
+
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   implementation: str | None = None
@@ -52,8 +52,7 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f'width {width} is not divisible by num_heads {self.num_heads}')
     head_dim = width // self.num_heads
-    dense = functools.partial(nn.DenseGeneral, dtype=self.dtype,
-                              kernel_init=nn.initializers.xavier_uniform())
+    dense = functools.partial(nn.DenseGeneral, dtype=self.dtype, kernel_init=nn.initializers.xavier_uniform())
     q, k, v = (dense((self.num_heads, head_dim), name=n)(x) for n in ('query', 'key', 'value'))
     bias = None if key_size is None else jnp.log(key_size).astype(q.dtype)[:, None, None, :]
     y = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.implementation)
@@ -63,6 +62,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm Transformer block: x + MHSA(LN(x)); x + MLP(LN(x))."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
@@ -77,7 +77,10 @@ class Block(nn.Module):
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:
-  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], row-major patches (the order of a stride-p Conv patch embedding)."""
+  """[B, H, W, C] -> [B, (H/p)(W/p), p*p*C], row-major patches.
+
+  The order of a stride-p Conv patch embedding.
+  """
   b, h, w, c = x.shape
   x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, (h // p) * (w // p), p * p * c)
@@ -106,10 +109,12 @@ def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
   radius = kernel.shape[0] // 2
   x = jnp.pad(maps, ((0, 0), (radius, radius), (radius, radius)), mode='symmetric')
   x = x[..., None]
-  x = jax.lax.conv_general_dilated(x, kernel.reshape(-1, 1, 1, 1), (1, 1), 'VALID',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  x = jax.lax.conv_general_dilated(x, kernel.reshape(1, -1, 1, 1), (1, 1), 'VALID',
-                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  x = jax.lax.conv_general_dilated(
+    x, kernel.reshape(-1, 1, 1, 1), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+  x = jax.lax.conv_general_dilated(
+    x, kernel.reshape(1, -1, 1, 1), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
   return x[..., 0]
 
 
@@ -133,6 +138,7 @@ class Memory(nn.Module):
   z [..., C] -> (z_hat [..., C], weights [..., N]): w = softmax(cos(z, m_i) / temperature),
   hard-shrunk at `shrink_scale / N` and L1-renormalised, z_hat = w M. shrink_scale 0 disables it.
   """
+
   num_items: int
   shrink_scale: float = 1.0
   temperature: float = 1.0
@@ -165,6 +171,7 @@ class CoordinateAttention(nn.Module):
   concatenation, split, then per-direction 1x1 convs with sigmoid gates: y = x * g_h * g_w.
   BatchNorm keeps running statistics in the 'batch_stats' collection (`train` picks batch stats).
   """
+
   reduction: int = 32
   min_hidden: int = 8
   activation: Callable[[jax.Array], jax.Array] = jax.nn.hard_swish
@@ -179,13 +186,15 @@ class CoordinateAttention(nn.Module):
     pooled_w = jnp.mean(x, axis=1)  # [B, W, C]: average over H.
     y = jnp.concatenate([pooled_h, pooled_w], axis=1)[:, :, None, :]  # [B, H + W, 1, C]
     y = nn.Conv(hidden, (1, 1), dtype=self.dtype, name='conv_shared')(y)
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype,
-                     name='bn')(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='bn')(
+      y
+    )
     y = self.activation(y)
-    gate = lambda name, t: jax.nn.sigmoid(nn.Conv(c, (1, 1), dtype=self.dtype,
-                                                  bias_init=self.gate_bias_init, name=name)(t))
-    g_h = gate('conv_h', y[:, :h])                          # [B, H, 1, C]
-    g_w = gate('conv_w', y[:, h:]).transpose(0, 2, 1, 3)    # [B, 1, W, C]
+    gate = lambda name, t: jax.nn.sigmoid(
+      nn.Conv(c, (1, 1), dtype=self.dtype, bias_init=self.gate_bias_init, name=name)(t)
+    )
+    g_h = gate('conv_h', y[:, :h])  # [B, H, 1, C]
+    g_w = gate('conv_w', y[:, h:]).transpose(0, 2, 1, 3)  # [B, 1, W, C]
     return x * g_h.astype(x.dtype) * g_w.astype(x.dtype)
 
 
@@ -212,6 +221,7 @@ class SubpixelConvTranspose(nn.Module):
   interleaved by depth-to-space, because XLA:CPU runs the input-dilated convolution of a strided
   transposed conv (and its gradient) on a slow generic path: >10x faster on CPU for k=4, s=2.
   """
+
   features: int
   kernel_size: int
   stride: int
@@ -236,11 +246,17 @@ class SubpixelConvTranspose(nn.Module):
         if ny == 0 or nx == 0:  # kernel_size < stride: this phase gets no tap.
           cols.append(jnp.zeros((b, h, w, self.features), x.dtype))
           continue
-        cols.append(jax.lax.conv_general_dilated(
-            x, sub, (1, 1), ((-dy, dy + ny - 1), (-dx, dx + nx - 1)),
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-      rows.append(jnp.stack(cols, axis=3))                  # [B, H, W, s (x phase), F]
-    y = jnp.stack(rows, axis=2)                             # [B, H, s (y phase), W, s, F]
+        cols.append(
+          jax.lax.conv_general_dilated(
+            x,
+            sub,
+            (1, 1),
+            ((-dy, dy + ny - 1), (-dx, dx + nx - 1)),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          )
+        )
+      rows.append(jnp.stack(cols, axis=3))  # [B, H, W, s (x phase), F]
+    y = jnp.stack(rows, axis=2)  # [B, H, s (y phase), W, s, F]
     y = y.reshape(b, h * s, w * s, self.features)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,)).astype(y.dtype)

@@ -58,14 +58,16 @@ def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
 def _patch_embed(x, patch_size, width, dtype, name):
   b, h, w, _ = x.shape
   gh, gw = h // patch_size, w // patch_size
-  x = nn.Conv(width, (patch_size, patch_size), strides=(patch_size, patch_size), padding='VALID',
-              dtype=dtype, name=name)(x)
+  x = nn.Conv(
+    width, (patch_size, patch_size), strides=(patch_size, patch_size), padding='VALID', dtype=dtype, name=name
+  )(x)
   pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, width))
   return x.reshape(b, gh * gw, width) + pos.astype(x.dtype)
 
 
 class ViTEncoder(nn.Module):
   """Image [B, H, W, C] -> (latent tokens z [B, N, latent_dim], block outputs [depth x [B, N, D]])."""
+
   patch_size: int
   width: int
   depth: int
@@ -80,8 +82,9 @@ class ViTEncoder(nn.Module):
     x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
     hs = []
     for i in range(self.depth):
-      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
-                       name=f'block_{i}')(x)
+      x = layers.Block(
+        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'block_{i}'
+      )(x)
       hs.append(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     z = nn.Dense(self.latent_dim, dtype=self.dtype, name='to_latent')(x)
@@ -90,6 +93,7 @@ class ViTEncoder(nn.Module):
 
 class UViTGenerator(nn.Module):
   """Masked image [B, H, W, C] -> (reconstruction [B, H, W, C], latent z [B, N, latent_dim])."""
+
   patch_size: int
   width: int
   depth: int
@@ -112,26 +116,42 @@ class UViTGenerator(nn.Module):
     b, h, w, _ = image.shape
     p = self.patch_size
     gh, gw = h // p, w // p
-    z, hs = ViTEncoder(p, self.width, self.depth, self.num_heads, self.latent_dim, self.mlp_ratio,
-                       self.dtype, self.attention_implementation, name='encoder')(image)
+    z, hs = ViTEncoder(
+      p,
+      self.width,
+      self.depth,
+      self.num_heads,
+      self.latent_dim,
+      self.mlp_ratio,
+      self.dtype,
+      self.attention_implementation,
+      name='encoder',
+    )(image)
     pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, self.width)).astype(self.dtype)
     x = nn.Dense(self.width, dtype=self.dtype, name='from_latent')(z.astype(self.dtype)) + pos
     for j in range(self.depth):
       if self.long_skips:  # U-ViT: concat(h_m, h_s) -> linear, before the block.
         skip = hs[self.depth - 1 - j]
         x = nn.Dense(self.width, dtype=self.dtype, name=f'skip_linear_{j}')(
-            jnp.concatenate([x, skip], axis=-1))
-      x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
-                       name=f'decoder_block_{j}')(x)
+          jnp.concatenate([x, skip], axis=-1)
+        )
+      x = layers.Block(
+        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'decoder_block_{j}'
+      )(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(x)
     head_init = nn.initializers.normal(0.02) if self.small_head else nn.initializers.lecun_normal()
-    x = nn.Dense(p * p * self.channels, kernel_init=head_init, dtype=self.dtype,
-                 name='decoder_pred')(x)
+    x = nn.Dense(p * p * self.channels, kernel_init=head_init, dtype=self.dtype, name='decoder_pred')(x)
     x = layers.unpatchify(x, gh, gw, p, self.channels) + (0.5 if self.small_head else 0.0)
     if self.out_conv:  # 3x3 conv against ViT patch artifacts (Sec. 2.1.2).
       if self.small_head:
-        x = x + nn.Conv(self.channels, (3, 3), padding='SAME', kernel_init=nn.initializers.zeros,
-                        dtype=self.dtype, name='out_conv')(x)
+        x = x + nn.Conv(
+          self.channels,
+          (3, 3),
+          padding='SAME',
+          kernel_init=nn.initializers.zeros,
+          dtype=self.dtype,
+          name='out_conv',
+        )(x)
       else:
         x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='out_conv')(x)
     return x.astype(jnp.float32), z
@@ -139,6 +159,7 @@ class UViTGenerator(nn.Module):
 
 class ToMeDiscriminator(nn.Module):
   """Image [B, H, W, C] -> (logit [B], middle-layer features [B, feature_dim]); D = sigmoid(logit)."""
+
   patch_size: int
   width: int
   depth: int
@@ -153,12 +174,12 @@ class ToMeDiscriminator(nn.Module):
     x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
     size = jnp.ones(x.shape[:2], jnp.float32)
     for i in range(self.depth):
-      x, size = tome.ToMeBlock(self.num_heads, self.mlp_ratio, self.r, self.dtype,
-                               name=f'block_{i}')(x, size)
+      x, size = tome.ToMeBlock(self.num_heads, self.mlp_ratio, self.r, self.dtype, name=f'block_{i}')(x, size)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x).astype(jnp.float32)
     pooled = jnp.sum(x * size[..., None], axis=1) / jnp.sum(size, axis=1, keepdims=True)
-    features = nn.gelu(nn.Dense(self.feature_dim, dtype=self.dtype, name='middle')(pooled),
-                       approximate=False).astype(jnp.float32)
+    features = nn.gelu(
+      nn.Dense(self.feature_dim, dtype=self.dtype, name='middle')(pooled), approximate=False
+    ).astype(jnp.float32)
     logit = nn.Dense(1, dtype=self.dtype, name='head')(features)[:, 0]
     return logit.astype(jnp.float32), features
 
@@ -170,8 +191,9 @@ def gradient_l1(a: jax.Array, b: jax.Array) -> jax.Array:
   return 0.5 * (jnp.mean(jnp.abs(dy(a) - dy(b))) + jnp.mean(jnp.abs(dx(a) - dx(b))))
 
 
-def consistency_loss(target: jax.Array, recon: jax.Array,
-                     structure_weight: jax.Array | float = 1.0) -> tuple[jax.Array, dict]:
+def consistency_loss(
+  target: jax.Array, recon: jax.Array, structure_weight: jax.Array | float = 1.0
+) -> tuple[jax.Array, dict]:
   """L_con = L1 + w (1 - SSIM + gradient L1) (Eq. 1-4 with w = 1; `mvg.structure_warmup` ramps w)."""
   l1 = jnp.mean(jnp.abs(recon - target))
   ssim = losses.ssim_loss(recon, target)
@@ -182,8 +204,8 @@ def consistency_loss(target: jax.Array, recon: jax.Array,
 
 def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
   """errors [B, S, H, W] -> final map [B, H, W] (Eq. 8-9)."""
-  avg = jnp.mean(errors, axis=(2, 3))                      # average(E_i)  [B, S]
-  mu = jnp.mean(avg, axis=1, keepdims=True)                # reference over the scales
+  avg = jnp.mean(errors, axis=(2, 3))  # average(E_i)  [B, S]
+  mu = jnp.mean(avg, axis=1, keepdims=True)  # reference over the scales
   if rule == 'mean':
     return jnp.mean(errors, axis=1)
   if rule == 'eq8':
@@ -208,13 +230,40 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     raise ValueError(f'mvg.structure_warmup {tuple(cfg.structure_warmup)} needs 0 <= start <= end')
   masks = jnp.asarray(complementary_masks(size, tuple(cfg.mask_cells)))  # [S, 2, H, W]
   num_scales = masks.shape[0]
-  gen = UViTGenerator(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim, channels,
-                      cfg.mlp_ratio, cfg.long_skips, cfg.out_conv, cfg.small_head, dtype,
-                      attention_implementation=config.attention_implementation)
-  enc = ViTEncoder(cfg.patch_size, cfg.width, cfg.depth, cfg.num_heads, cfg.latent_dim,
-                   cfg.mlp_ratio, dtype, attention_implementation=config.attention_implementation)
-  disc = ToMeDiscriminator(cfg.disc_patch_size, cfg.disc_width, cfg.disc_depth, cfg.disc_num_heads,
-                           cfg.disc_feature_dim, cfg.tome_r, cfg.mlp_ratio, dtype)
+  gen = UViTGenerator(
+    cfg.patch_size,
+    cfg.width,
+    cfg.depth,
+    cfg.num_heads,
+    cfg.latent_dim,
+    channels,
+    cfg.mlp_ratio,
+    cfg.long_skips,
+    cfg.out_conv,
+    cfg.small_head,
+    dtype,
+    attention_implementation=config.attention_implementation,
+  )
+  enc = ViTEncoder(
+    cfg.patch_size,
+    cfg.width,
+    cfg.depth,
+    cfg.num_heads,
+    cfg.latent_dim,
+    cfg.mlp_ratio,
+    dtype,
+    attention_implementation=config.attention_implementation,
+  )
+  disc = ToMeDiscriminator(
+    cfg.disc_patch_size,
+    cfg.disc_width,
+    cfg.disc_depth,
+    cfg.disc_num_heads,
+    cfg.disc_feature_dim,
+    cfg.tome_r,
+    cfg.mlp_ratio,
+    dtype,
+  )
   a_adv, a_enc, a_con = (float(a) for a in cfg.alpha)
   g_tx = optim.make_optimizer(config.optimizer, total_steps)
   d_tx = optim.make_optimizer(config.optimizer, total_steps)
@@ -225,23 +274,24 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     kg, ke, kd = jax.random.split(rng, 3)
     g_params = {'generator': gen.init(kg, x)['params'], 'encoder': enc.init(ke, x)['params']}
     d_params = disc.init(kd, x)['params']
-    return {'g': train_state.TrainState.create(apply_fn=gen.apply, params=g_params, tx=g_tx),
-            'd': train_state.TrainState.create(apply_fn=disc.apply, params=d_params, tx=d_tx)}
+    return {
+      'g': train_state.TrainState.create(apply_fn=gen.apply, params=g_params, tx=g_tx),
+      'd': train_state.TrainState.create(apply_fn=disc.apply, params=d_params, tx=d_tx),
+    }
 
   def train_step(state, batch, rng, frozen):
     del frozen
     x = batch['image'].astype(jnp.float32)
     b = x.shape[0]
     scale = jax.random.randint(rng, (b,), 0, num_scales)
-    removed = masks[scale][..., None]                               # [B, 2, H, W, 1]
+    removed = masks[scale][..., None]  # [B, 2, H, W, 1]
     masked = (x[:, None] * (1.0 - removed)).reshape((2 * b,) + x.shape[1:])
-    target = jnp.repeat(x, 2, axis=0)                               # row 2i+j: image i, mask j
+    target = jnp.repeat(x, 2, axis=0)  # row 2i+j: image i, mask j
     g_state, d_state = state['g'], state['d']
 
     # One generator forward serves both updates: its pullback turns the G loss's gradients with
     # respect to (reconstruction, z) into gradients for the generator weights.
-    (recon, z), gen_vjp = jax.vjp(lambda p: gen.apply({'params': p['generator']}, masked),
-                                  g_state.params)
+    (recon, z), gen_vjp = jax.vjp(lambda p: gen.apply({'params': p['generator']}, masked), g_state.params)
 
     # (1) Discriminator, generator fixed: real -> 1, both reconstructions -> 0.
     fake = jax.lax.stop_gradient(recon)
@@ -249,8 +299,9 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     def d_loss_fn(d_params):
       logits, _ = disc.apply({'params': d_params}, jnp.concatenate([x, fake]))
       real, fake_logits = logits[:b], logits[b:]
-      loss = (jnp.mean(optax.sigmoid_binary_cross_entropy(real, jnp.ones_like(real))) +
-              jnp.mean(optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))))
+      loss = jnp.mean(optax.sigmoid_binary_cross_entropy(real, jnp.ones_like(real))) + jnp.mean(
+        optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
+      )
       return loss, (jnp.mean(jax.nn.sigmoid(real)), jnp.mean(jax.nn.sigmoid(fake_logits)))
 
     (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
@@ -269,18 +320,27 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       return total, {'adv': adv, 'enc': enc_loss, 'con': con, **parts}
 
     (g_loss, parts), (g_direct, d_recon, d_z) = jax.value_and_grad(
-        g_loss_fn, argnums=(0, 1, 2), has_aux=True)(g_state.params, recon, z)
+      g_loss_fn, argnums=(0, 1, 2), has_aux=True
+    )(g_state.params, recon, z)
     (g_through,) = gen_vjp((d_recon, d_z))
     g_grads = jax.tree.map(jnp.add, g_direct, g_through)
     g_state, g_norms = optim.apply_gradients(g_state, g_grads, prefix='g_')
-    metrics = {'loss': g_loss, **parts, 'd_loss': d_loss, 'd_real': d_real, 'd_fake': d_fake,
-               'scale': jnp.mean(scale.astype(jnp.float32)), **g_norms, **d_norms}
+    metrics = {
+      'loss': g_loss,
+      **parts,
+      'd_loss': d_loss,
+      'd_real': d_real,
+      'd_fake': d_fake,
+      'scale': jnp.mean(scale.astype(jnp.float32)),
+      **g_norms,
+      **d_norms,
+    }
     return {'g': g_state, 'd': d_state}, metrics
 
   def reconstruct_scales(g_params, x):
     """x [B, H, W, C] -> merged reconstructions O_i [B, S, H, W, C] (Eq. 6)."""
     b = x.shape[0]
-    removed = masks[None, ..., None]                                # [1, S, 2, H, W, 1]
+    removed = masks[None, ..., None]  # [1, S, 2, H, W, 1]
     masked = (x[:, None, None] * (1.0 - removed)).reshape((b * num_scales * 2,) + x.shape[1:])
     recon, _ = gen.apply({'params': g_params['generator']}, masked)
     recon = recon.reshape((b, num_scales, 2) + x.shape[1:])
@@ -291,7 +351,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     x = batch['image'].astype(jnp.float32)
     merged = reconstruct_scales(state['g'].params, x)
     if cfg.error == 'l1':
-      errors = jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)     # E_i (Eq. 7) [B, S, H, W]
+      errors = jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)  # E_i (Eq. 7) [B, S, H, W]
     elif cfg.error == 'l2':
       errors = jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
     else:

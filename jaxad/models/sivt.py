@@ -19,6 +19,7 @@ from jaxad.models import AnomalyModel, layers
 
 class SelfInductionViT(nn.Module):
   """Reconstructs features F [B, H, W, C] given a partition of the L tokens into N subsets."""
+
   patch_size: int
   num_subsets: int
   width: int
@@ -38,18 +39,22 @@ class SelfInductionViT(nn.Module):
     pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, self.width))
 
     # Algorithm 1, line 1: X = E(F, P).
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                name='patch_embed')(features).reshape(b, num_tokens, self.width) + pos
+    x = (
+      nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed')(
+        features
+      ).reshape(b, num_tokens, self.width)
+      + pos
+    )
     # Lines 2-6: Phi_i = X*_i U C_X X*_i  (Eq. 1).
-    induction = self.param('induction_tokens', nn.initializers.normal(0.02),
-                           (num_tokens, self.width)) + pos
+    induction = self.param('induction_tokens', nn.initializers.normal(0.02), (num_tokens, self.width)) + pos
     member = jax.nn.one_hot(partition, self.num_subsets, dtype=jnp.bool_).T  # [N, L]
     phi = jnp.where(member[:, None, :, None], induction.astype(x.dtype), x[None])
     # Line 7: encode every Phi_i with one shared encoder.
     z = phi.reshape(self.num_subsets * b, num_tokens, self.width)
     for i in range(self.encoder_depth):
-      z = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
-                       name=f'encoder_{i}')(z)
+      z = layers.Block(
+        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'encoder_{i}'
+      )(z)
     z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(z)
     z = z.reshape(self.num_subsets, b, num_tokens, self.width)
     # Lines 8-10: keep the induction tokens of each Phi_i and reassemble Z_X*.
@@ -58,8 +63,9 @@ class SelfInductionViT(nn.Module):
     # Line 11: F~ = Dec(Z_X*).
     y = nn.Dense(self.width, dtype=self.dtype, name='decoder_embed')(z_star) + pos
     for i in range(self.decoder_depth):
-      y = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation,
-                       name=f'decoder_{i}')(y)
+      y = layers.Block(
+        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'decoder_{i}'
+      )(y)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(y)
     y = nn.Dense(p * p * c, dtype=self.dtype, name='decoder_pred')(y)
     y = layers.unpatchify(y, gh, gw, p, c)
@@ -76,7 +82,8 @@ def residuals(features: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Arr
   """Per-position squared L2 distance and 1 - cosine similarity over channels (Eq. 2-3)."""
   sq = jnp.sum((features - recon) ** 2, axis=-1)
   cos = jnp.sum(features * recon, -1) / (
-      jnp.linalg.norm(features, axis=-1) * jnp.linalg.norm(recon, axis=-1) + 1e-8)
+    jnp.linalg.norm(features, axis=-1) * jnp.linalg.norm(recon, axis=-1) + 1e-8
+  )
   return sq, 1.0 - cos
 
 
@@ -90,9 +97,17 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   num_tokens = (feature_size // cfg.patch_size) ** 2
   if num_tokens % cfg.num_subsets:
     raise ValueError(f'{num_tokens} tokens cannot be split into {cfg.num_subsets} equal subsets')
-  net = SelfInductionViT(cfg.patch_size, cfg.num_subsets, cfg.width, cfg.encoder_depth,
-                         cfg.decoder_depth, cfg.num_heads, cfg.mlp_ratio, dtype,
-                         attention_implementation=config.attention_implementation)
+  net = SelfInductionViT(
+    cfg.patch_size,
+    cfg.num_subsets,
+    cfg.width,
+    cfg.encoder_depth,
+    cfg.decoder_depth,
+    cfg.num_heads,
+    cfg.mlp_ratio,
+    dtype,
+    attention_implementation=config.attention_implementation,
+  )
   tx = optim.make_optimizer(config.optimizer, total_steps)
   test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)
   test_partitions = [random_partition(k, num_tokens, cfg.num_subsets) for k in test_keys]
@@ -136,6 +151,11 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     maps = layers.gaussian_blur(maps, cfg.smoothing_sigma)
     return maps, jnp.std(maps, axis=(1, 2))
 
-  return AnomalyModel(init=init, train_step=train_step, score=score,
-                      frozen={'backbone': extractor.params}, precompute=precompute,
-                      cached_keys=('features',) if config.backbone.cache_features else ())
+  return AnomalyModel(
+    init=init,
+    train_step=train_step,
+    score=score,
+    frozen={'backbone': extractor.params},
+    precompute=precompute,
+    cached_keys=('features',) if config.backbone.cache_features else (),
+  )

@@ -52,6 +52,7 @@ LEAKY_SLOPE = 0.2
 
 class TrainState(train_state.TrainState):
   """TrainState plus BatchNorm running statistics."""
+
   batch_stats: dict
 
 
@@ -60,8 +61,7 @@ def lrelu(x):
 
 
 def _batch_norm(train: bool, dtype, name=None):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                      name=name)
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name)
 
 
 def multiscale(images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -79,12 +79,13 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 
 class ECA(nn.Module):
   """Efficient channel attention (Wang et al., CVPR 2020): x * sigmoid(conv1d_k(mean_hw(x)))."""
+
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = x.shape[-1]
-    y = jnp.mean(x, axis=(1, 2))[:, :, None]                       # [B, C, 1]
+    y = jnp.mean(x, axis=(1, 2))[:, :, None]  # [B, C, 1]
     k = eca_kernel_size(c)
     y = nn.Conv(1, (k,), padding='SAME', use_bias=False, dtype=self.dtype, name='conv')(y)
     return x * jax.nn.sigmoid(y[:, :, 0])[:, None, None, :].astype(x.dtype)
@@ -92,6 +93,7 @@ class ECA(nn.Module):
 
 class CBL(nn.Module):
   """Conv (k x k, stride s) + BatchNorm + LeakyReLU (CBL: 1x1; Down: 3x3 stride 2)."""
+
   features: int
   kernel: int = 1
   stride: int = 1
@@ -100,13 +102,13 @@ class CBL(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     k, s = self.kernel, self.stride
-    x = nn.Conv(self.features, (k, k), strides=(s, s), padding='SAME', use_bias=False,
-                dtype=self.dtype)(x)
+    x = nn.Conv(self.features, (k, k), strides=(s, s), padding='SAME', use_bias=False, dtype=self.dtype)(x)
     return lrelu(_batch_norm(train, self.dtype)(x))
 
 
 class ResidualBlock(nn.Module):
   """Eq. 1: LR(BN(conv3x3(LR(BN(conv3x3_s2(T))))) + BN(conv1x1_s2(T))); [H, W, C] -> [H/2, W/2, F]."""
+
   features: int
   dtype: jnp.dtype = jnp.float32
 
@@ -122,6 +124,7 @@ class ResidualBlock(nn.Module):
 
 class PooledAttention(nn.Module):
   """LMSA (Eq. 2-4): multi-head attention over [B, H, W, C] whose K, V are k x k average-pooled."""
+
   num_heads: int
   pool: int
   dtype: jnp.dtype = jnp.float32
@@ -137,12 +140,13 @@ class PooledAttention(nn.Module):
     k, v = (dense((self.num_heads, hd), name=n)(x).reshape(b, h, w, c) for n in ('key', 'value'))
     p = self.pool
     k, v = (nn.avg_pool(t, (p, p), strides=(p, p)).reshape(b, -1, self.num_heads, hd) for t in (k, v))
-    y = jax.nn.dot_product_attention(q, k, v)                       # softmax(QK'^T / sqrt(d)) V'
+    y = jax.nn.dot_product_attention(q, k, v)  # softmax(QK'^T / sqrt(d)) V'
     return dense(c, axis=(-2, -1), name='out')(y).reshape(b, h, w, c)
 
 
 class PVTBlock(nn.Module):
   """Eq. 5-7: Z' = LMSA(LN(Z)) + Z; Z = FFD(LN(Z')) + Z', FFD = conv1x1-DWconv3x3-GELU-conv1x1."""
+
   num_heads: int
   pool: int
   mlp_ratio: float = 4.0
@@ -153,17 +157,20 @@ class PVTBlock(nn.Module):
     c = x.shape[-1]
     hidden = int(c * self.mlp_ratio)
     x = x + PooledAttention(self.num_heads, self.pool, self.dtype, name='attn')(
-        nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln1')(x))
+      nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln1')(x)
+    )
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln2')(x)
     y = nn.Conv(hidden, (1, 1), dtype=self.dtype, name='fc1')(y)
-    y = nn.Conv(hidden, (3, 3), padding='SAME', feature_group_count=hidden, dtype=self.dtype,
-                name='dwconv')(y)
+    y = nn.Conv(hidden, (3, 3), padding='SAME', feature_group_count=hidden, dtype=self.dtype, name='dwconv')(
+      y
+    )
     y = nn.Conv(c, (1, 1), dtype=self.dtype, name='fc2')(nn.gelu(y, approximate=False))
     return x + y
 
 
 class ViTModule(nn.Module):
   """Positional embedding (Eq. 5), `depth` PVT blocks and a skip around them (Fig. 5)."""
+
   depth: int
   head_dim: int
   pool_tokens: int
@@ -184,6 +191,7 @@ class ViTModule(nn.Module):
 
 class Arch(nn.Module):
   """Shared hyper-parameters of the encoder/decoder parts."""
+
   base_width: int
   vit_depth: int = 2
   head_dim: int = 32
@@ -196,8 +204,7 @@ class Arch(nn.Module):
     return self.base_width * 2 ** (level - 1)
 
   def vit(self, name):
-    return ViTModule(self.vit_depth, self.head_dim, self.pool_tokens, self.mlp_ratio, self.dtype,
-                     name=name)
+    return ViTModule(self.vit_depth, self.head_dim, self.pool_tokens, self.mlp_ratio, self.dtype, name=name)
 
 
 class MTFE(Arch):
@@ -205,6 +212,7 @@ class MTFE(Arch):
 
   Returns {level: map}; level l has size S / 2^l and `width(l)` channels.
   """
+
   first_level: int = 1
 
   @nn.compact
@@ -220,43 +228,56 @@ class MTFE(Arch):
 
 class MAFF(Arch):
   """Eq. 9-11: fuses the three scales' level-3/4/5 features into (z_low, z_mid, z_high) (Table I)."""
+
   use_maff: bool = True
 
   @nn.compact
   def __call__(self, per_scale: list[dict[int, jax.Array]], train: bool):
     cat = lambda level: jnp.concatenate([f[level] for f in per_scale], axis=-1)
     if not self.use_maff:  # Ablation: direct fusion of each level by one CBL.
-      return tuple(CBL(self.width(l), dtype=self.dtype, name=f'cbl_{l}')(cat(l), train)
-                   for l in (3, 4, 5))
+      return tuple(CBL(self.width(l), dtype=self.dtype, name=f'cbl_{l}')(cat(l), train) for l in (3, 4, 5))
     z_low = CBL(self.width(3), dtype=self.dtype, name='cbl_low')(
-        ECA(self.dtype, name='eca_low')(cat(3)), train)                             # Eq. 9
+      ECA(self.dtype, name='eca_low')(cat(3)), train
+    )  # Eq. 9
     mid = cat(4)
     down = CBL(mid.shape[-1], 3, 2, self.dtype, name='down_mid')(z_low, train)
     z_mid = CBL(self.width(4), dtype=self.dtype, name='cbl_mid')(
-        ECA(self.dtype, name='eca_mid')(ECA(self.dtype, name='eca_mid_in')(mid) + down), train)  # Eq. 10
+      ECA(self.dtype, name='eca_mid')(ECA(self.dtype, name='eca_mid_in')(mid) + down), train
+    )  # Eq. 10
     high = cat(5)
     down = CBL(high.shape[-1], 3, 2, self.dtype, name='down_high')(z_mid, train)
     z_high = CBL(self.width(5), dtype=self.dtype, name='cbl_high')(
-        ECA(self.dtype, name='eca_high')(high + down), train)                       # Eq. 11
+      ECA(self.dtype, name='eca_high')(high + down), train
+    )  # Eq. 11
     return z_low, z_mid, z_high
 
 
 class Encoder(Arch):
   """Multi-scale encoder = MTFE per scale + MAFF. Returns (large-scale features, (z_low, z_mid, z_high))."""
+
   use_maff: bool = True
 
   @nn.compact
   def __call__(self, scales, train: bool):
-    kw = dict(base_width=self.base_width, vit_depth=self.vit_depth, head_dim=self.head_dim,
-              pool_tokens=self.pool_tokens, mlp_ratio=self.mlp_ratio, dtype=self.dtype)
-    per_scale = [MTFE(**kw, first_level=i + 1, name=f'mtfe_{n}')(x.astype(self.dtype), train)
-                 for i, (n, x) in enumerate(zip(('large', 'medium', 'small'), scales))]
+    kw = dict(
+      base_width=self.base_width,
+      vit_depth=self.vit_depth,
+      head_dim=self.head_dim,
+      pool_tokens=self.pool_tokens,
+      mlp_ratio=self.mlp_ratio,
+      dtype=self.dtype,
+    )
+    per_scale = [
+      MTFE(**kw, first_level=i + 1, name=f'mtfe_{n}')(x.astype(self.dtype), train)
+      for i, (n, x) in enumerate(zip(('large', 'medium', 'small'), scales))
+    ]
     fused = MAFF(**kw, use_maff=self.use_maff, name='maff')(per_scale, train)
     return per_scale[0], fused
 
 
 class Bottleneck(nn.Module):
   """Fig. 8: conv + global mean pool -> FC autoencoder (C -> latent -> h*w*C) -> [B, h, w, C]."""
+
   latent_dim: int
   dtype: jnp.dtype = jnp.float32
 
@@ -272,6 +293,7 @@ class Bottleneck(nn.Module):
 
 class SkipConnection(nn.Module):
   """Fig. 8: ECA, then a 1x1 conv to C/4 and back to C (CBL each)."""
+
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -284,6 +306,7 @@ class SkipConnection(nn.Module):
 
 class Head(nn.Module):
   """Reconstruction head: 3x3 conv-BN-LReLU to half width, 3x3 conv to the image, sigmoid."""
+
   channels: int
   dtype: jnp.dtype = jnp.float32
 
@@ -300,6 +323,7 @@ class MTD(Arch):
   `skips` maps a level (5, 4, 3) to its skip-connection map, concatenated before that level's conv.
   Images: (large S, medium S/2, small S/4); features: {level: map} at levels 1-4 (S/2 ... S/16).
   """
+
   channels: int = 3
 
   @nn.compact
@@ -317,8 +341,10 @@ class MTD(Arch):
       if self.vit_depth:
         x = self.vit(f'vit_{level}')(x)
       feats[level] = x
-    heads = {lvl: Head(self.channels, self.dtype, name=f'head_{n}')(feats[lvl], train)
-             for lvl, n in ((0, 'large'), (1, 'medium'), (2, 'small'))}
+    heads = {
+      lvl: Head(self.channels, self.dtype, name=f'head_{n}')(feats[lvl], train)
+      for lvl, n in ((0, 'large'), (1, 'medium'), (2, 'small'))
+    }
     return (heads[0], heads[1], heads[2]), feats
 
 
@@ -327,6 +353,7 @@ class Generator(Arch):
 
   The features are the large-scale MTFE's and the decoder's maps at levels 2, 3, 4 (56, 28, 14).
   """
+
   channels: int = 3
   use_maff: bool = True
   num_skips: int = 1
@@ -334,13 +361,21 @@ class Generator(Arch):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool):
-    kw = dict(base_width=self.base_width, vit_depth=self.vit_depth, head_dim=self.head_dim,
-              pool_tokens=self.pool_tokens, mlp_ratio=self.mlp_ratio, dtype=self.dtype)
+    kw = dict(
+      base_width=self.base_width,
+      vit_depth=self.vit_depth,
+      head_dim=self.head_dim,
+      pool_tokens=self.pool_tokens,
+      mlp_ratio=self.mlp_ratio,
+      dtype=self.dtype,
+    )
     large, fused = Encoder(**kw, use_maff=self.use_maff, name='encoder')(multiscale(images), train)
     z_high = fused[2]
     x = Bottleneck(self.latent_dim, self.dtype, name='bottleneck')(z_high, train)
-    skips = {level: SkipConnection(self.dtype, name=f'skip_{level}')(z, train)
-             for level, z in zip((5, 4, 3), fused[::-1][:self.num_skips])}
+    skips = {
+      level: SkipConnection(self.dtype, name=f'skip_{level}')(z, train)
+      for level, z in zip((5, 4, 3), fused[::-1][: self.num_skips])
+    }
     recon, dec = MTD(**kw, channels=self.channels, name='decoder')(x, skips, train)
     enc_f = tuple(large[l] for l in FEATURE_LEVELS)
     dec_f = tuple(dec[l].astype(jnp.float32) for l in FEATURE_LEVELS)
@@ -349,12 +384,19 @@ class Generator(Arch):
 
 class Discriminator(Arch):
   """Multi-scale encoder (MTFE + MAFF) + global mean pool of z_high + linear head: [B] scores."""
+
   use_maff: bool = True
 
   @nn.compact
   def __call__(self, scales, train: bool) -> jax.Array:
-    kw = dict(base_width=self.base_width, vit_depth=self.vit_depth, head_dim=self.head_dim,
-              pool_tokens=self.pool_tokens, mlp_ratio=self.mlp_ratio, dtype=self.dtype)
+    kw = dict(
+      base_width=self.base_width,
+      vit_depth=self.vit_depth,
+      head_dim=self.head_dim,
+      pool_tokens=self.pool_tokens,
+      mlp_ratio=self.mlp_ratio,
+      dtype=self.dtype,
+    )
     _, (_, _, z_high) = Encoder(**kw, use_maff=self.use_maff, name='encoder')(scales, train)
     pooled = jnp.mean(z_high.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(1, name='head')(pooled)[:, 0]
@@ -366,8 +408,9 @@ def gradient_penalty(critic, real, fake, eps: jax.Array) -> jax.Array:
   `real`, `fake`: pytrees of [B, ...] arrays (the multi-scale images); `eps` [B]; `critic` maps such
   a pytree to [B] scores. The norm runs over every input element of a sample.
   """
-  mix = lambda r, f: (eps.reshape((-1,) + (1,) * (r.ndim - 1)) * r
-                      + (1 - eps.reshape((-1,) + (1,) * (r.ndim - 1))) * f)
+  mix = lambda r, f: (
+    eps.reshape((-1,) + (1,) * (r.ndim - 1)) * r + (1 - eps.reshape((-1,) + (1,) * (r.ndim - 1))) * f
+  )
   x_hat = jax.tree.map(mix, real, fake)
   grads = jax.grad(lambda x: jnp.sum(critic(x)))(x_hat)
   sq = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree.leaves(grads))
@@ -383,8 +426,7 @@ def l2_norm(a: jax.Array, b: jax.Array) -> jax.Array:
 def mean_smooth(maps: jax.Array, kernels: tuple[int, ...]) -> jax.Array:
   """Fig. 9: mean of stride-1 'SAME' mean poolings of [B, H, W] maps with each kernel size."""
   x = maps[..., None]
-  pooled = [nn.avg_pool(x, (k, k), strides=(1, 1), padding='SAME', count_include_pad=False)
-            for k in kernels]
+  pooled = [nn.avg_pool(x, (k, k), strides=(1, 1), padding='SAME', count_include_pad=False) for k in kernels]
   return jnp.mean(jnp.stack(pooled), axis=0)[..., 0]
 
 
@@ -394,8 +436,7 @@ def _upsample(maps: jax.Array, size: int) -> jax.Array:
 
 def image_residual(inputs, recons, weights, size: int) -> jax.Array:
   """Eq. 12: S_i = sum_x lambda_x ||I_in,x - I_out,x||_2 (channel norm), each upsampled to size."""
-  return sum(w * _upsample(jnp.linalg.norm(a - b, axis=-1), size)
-             for w, a, b in zip(weights, inputs, recons))
+  return sum(w * _upsample(jnp.linalg.norm(a - b, axis=-1), size) for w, a, b in zip(weights, inputs, recons))
 
 
 def feature_residual(enc_f, dec_f) -> jax.Array:
@@ -420,18 +461,28 @@ def anomaly_map(images, recons, enc_f, dec_f, cfg: ml_collections.ConfigDict) ->
     s_f = feature_residual(enc_f, dec_f)
     if cfg.smooth_kernels:
       s_f = mean_smooth(s_f, tuple(cfg.smooth_kernels))
-    out = out * _upsample(s_f, size)                                # Eq. 13-14
+    out = out * _upsample(s_f, size)  # Eq. 13-14
   return out
 
 
 def _nets(config: ml_collections.ConfigDict):
   cfg = config.tmirn
   dtype = models.compute_dtype(config.dtype)
-  common = dict(head_dim=cfg.head_dim, pool_tokens=cfg.pool_tokens, mlp_ratio=cfg.mlp_ratio,
-                dtype=dtype, use_maff=cfg.use_maff)
-  gen = Generator(base_width=cfg.base_width, vit_depth=cfg.vit_depth,
-                  channels=config.dataset.channels, num_skips=cfg.num_skips,
-                  latent_dim=cfg.latent_dim, **common)
+  common = dict(
+    head_dim=cfg.head_dim,
+    pool_tokens=cfg.pool_tokens,
+    mlp_ratio=cfg.mlp_ratio,
+    dtype=dtype,
+    use_maff=cfg.use_maff,
+  )
+  gen = Generator(
+    base_width=cfg.base_width,
+    vit_depth=cfg.vit_depth,
+    channels=config.dataset.channels,
+    num_skips=cfg.num_skips,
+    latent_dim=cfg.latent_dim,
+    **common,
+  )
   disc = Discriminator(base_width=cfg.disc_base_width, vit_depth=cfg.disc_vit_depth, **common)
   return gen, disc
 
@@ -439,8 +490,8 @@ def _nets(config: ml_collections.ConfigDict):
 def networks(config: ml_collections.ConfigDict) -> tuple[Generator, Discriminator]:
   """The generator and discriminator a config describes (checked against the image size)."""
   size = config.dataset.image_size
-  if size % 2 ** NUM_LEVELS:
-    raise ValueError(f'tmirn needs image_size divisible by {2 ** NUM_LEVELS}, got {size}')
+  if size % 2**NUM_LEVELS:
+    raise ValueError(f'tmirn needs image_size divisible by {2**NUM_LEVELS}, got {size}')
   cfg = config.tmirn
   if not 0 <= cfg.num_skips <= 3:
     raise ValueError(f'tmirn.num_skips must be 0-3, got {cfg.num_skips}')
@@ -465,10 +516,12 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     kg, kd = jax.random.split(rng)
     gv = gen.init(kg, x, train=False)
     dv = disc.init(kd, multiscale(x), train=False)
-    return {'g': TrainState.create(apply_fn=gen.apply, params=gv['params'], tx=g_tx,
-                                   batch_stats=gv['batch_stats']),
-            'd': TrainState.create(apply_fn=disc.apply, params=dv['params'], tx=d_tx,
-                                   batch_stats=dv['batch_stats'])}
+    return {
+      'g': TrainState.create(apply_fn=gen.apply, params=gv['params'], tx=g_tx, batch_stats=gv['batch_stats']),
+      'd': TrainState.create(
+        apply_fn=disc.apply, params=dv['params'], tx=d_tx, batch_stats=dv['batch_stats']
+      ),
+    }
 
   def train_step(state, batch, rng, frozen):
     del frozen
@@ -479,8 +532,9 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     # One generator forward (train-mode BatchNorm) serves both updates; its pullback turns the G
     # loss's gradients w.r.t. its outputs into gradients for the generator weights.
     def g_forward(p):
-      out, upd = gen.apply({'params': p, 'batch_stats': g_state.batch_stats}, x, train=True,
-                           mutable=['batch_stats'])
+      out, upd = gen.apply(
+        {'params': p, 'batch_stats': g_state.batch_stats}, x, train=True, mutable=['batch_stats']
+      )
       return out, upd['batch_stats']
 
     (recon, enc_f, dec_f), g_vjp, g_stats = jax.vjp(g_forward, g_state.params, has_aux=True)
@@ -490,18 +544,22 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     # and updates the running averages from it; the penalty pass uses its own batch statistics.
     def d_loss_fn(p):
       both = jax.tree.map(lambda r, f: jnp.concatenate([r, f]), real, fake)
-      scores, upd = disc.apply({'params': p, 'batch_stats': d_state.batch_stats}, both, train=True,
-                               mutable=['batch_stats'])
+      scores, upd = disc.apply(
+        {'params': p, 'batch_stats': d_state.batch_stats}, both, train=True, mutable=['batch_stats']
+      )
       b = x.shape[0]
       d_real, d_fake = scores[:b], scores[b:]
       adv = 0.5 * (jnp.mean(jnp.square(d_real - real_label)) + jnp.mean(jnp.square(d_fake - fake_label)))
-      critic = lambda xs: disc.apply({'params': p, 'batch_stats': d_state.batch_stats}, xs,
-                                     train=True, mutable=['batch_stats'])[0]
+      critic = lambda xs: disc.apply(
+        {'params': p, 'batch_stats': d_state.batch_stats}, xs, train=True, mutable=['batch_stats']
+      )[0]
       eps = jax.random.uniform(rng, (b,))
       gp = gradient_penalty(critic, real, fake, eps)
       loss = adv + cfg.gp_weight * gp
-      return loss, (upd['batch_stats'], {'d_adv': adv, 'gp': gp, 'd_real': jnp.mean(d_real),
-                                         'd_fake': jnp.mean(d_fake)})
+      return loss, (
+        upd['batch_stats'],
+        {'d_adv': adv, 'gp': gp, 'd_real': jnp.mean(d_real), 'd_fake': jnp.mean(d_fake)},
+      )
 
     (d_loss, (d_stats, d_parts)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
     d_state, d_norms = optim.apply_gradients(d_state, d_grads, prefix='d_')
@@ -512,18 +570,23 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     def g_loss_fn(recon, enc_f, dec_f):
       l_ssim = sum(losses.ssim_loss(a, b, **ssim_kwargs) for a, b in zip(real, recon))
       l_l2 = sum(distance(a, b) for a, b in zip(real, recon))
-      l_i = l_ssim + l_l2                                                         # Eq. 17
+      l_i = l_ssim + l_l2  # Eq. 17
       if cfg.feature_loss_stop_gradient:
         enc_f = jax.lax.stop_gradient(enc_f)
-      l_f = sum(distance(e, d) for e, d in zip(enc_f, dec_f))                     # Eq. 18
-      scores, _ = disc.apply({'params': d_state.params, 'batch_stats': d_state.batch_stats}, recon,
-                             train=True, mutable=['batch_stats'])
-      l_adv = jnp.mean(jnp.square(scores - 1.0))                                  # Eq. 19
-      loss = w_i * l_i + w_f * l_f + w_adv * l_adv                                # Eq. 20
+      l_f = sum(distance(e, d) for e, d in zip(enc_f, dec_f))  # Eq. 18
+      scores, _ = disc.apply(
+        {'params': d_state.params, 'batch_stats': d_state.batch_stats},
+        recon,
+        train=True,
+        mutable=['batch_stats'],
+      )
+      l_adv = jnp.mean(jnp.square(scores - 1.0))  # Eq. 19
+      loss = w_i * l_i + w_f * l_f + w_adv * l_adv  # Eq. 20
       return loss, {'l_i': l_i, 'ssim_loss': l_ssim, 'l2': l_l2, 'l_f': l_f, 'l_adv': l_adv}
 
     (g_loss, g_parts), cotangents = jax.value_and_grad(g_loss_fn, argnums=(0, 1, 2), has_aux=True)(
-        recon, enc_f, dec_f)
+      recon, enc_f, dec_f
+    )
     (g_grads,) = g_vjp(cotangents)
     g_state, g_norms = optim.apply_gradients(g_state, g_grads, prefix='g_')
     g_state = g_state.replace(batch_stats=g_stats)
@@ -534,8 +597,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     del frozen
     x = batch['image'].astype(jnp.float32)
     g = state['g']
-    recon, enc_f, dec_f = gen.apply({'params': g.params, 'batch_stats': g.batch_stats}, x,
-                                    train=False)
+    recon, enc_f, dec_f = gen.apply({'params': g.params, 'batch_stats': g.batch_stats}, x, train=False)
     maps = anomaly_map(x, recon, enc_f, dec_f, cfg)
     return maps, jnp.max(maps, axis=(1, 2))
 

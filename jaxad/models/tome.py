@@ -41,9 +41,9 @@ def bipartite_soft_matching(metric: jax.Array, r: int) -> Callable[..., jax.Arra
   metric = metric / jnp.maximum(jnp.linalg.norm(metric, axis=-1, keepdims=True), 1e-12)
   a, b = metric[:, ::2], metric[:, 1::2]
   scores = jnp.einsum('bic,bjc->bij', a, b, precision=jax.lax.Precision.HIGHEST)
-  node_max = jnp.max(scores, axis=-1)        # [B, Na]: best similarity of each A token
-  node_idx = jnp.argmax(scores, axis=-1)     # [B, Na]: its partner in B
-  order = jnp.argsort(-node_max, axis=-1)    # A tokens, most similar first
+  node_max = jnp.max(scores, axis=-1)  # [B, Na]: best similarity of each A token
+  node_idx = jnp.argmax(scores, axis=-1)  # [B, Na]: its partner in B
+  order = jnp.argsort(-node_max, axis=-1)  # A tokens, most similar first
   unm_idx, src_idx = order[:, r:], order[:, :r]
   dst_idx = jnp.take_along_axis(node_idx, src_idx, axis=1)  # [B, r]
   batch = jnp.arange(metric.shape[0])[:, None]
@@ -67,8 +67,7 @@ def bipartite_soft_matching(metric: jax.Array, r: int) -> Callable[..., jax.Arra
   return merge
 
 
-def merge_wavg(merge: Callable[..., jax.Array], x: jax.Array, size: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
+def merge_wavg(merge: Callable[..., jax.Array], x: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Size-weighted average merge of tokens x [B, N, C] with sizes [B, N] -> ([B, N', C], [B, N'])."""
   summed = merge(x * size[..., None].astype(x.dtype), 'sum')
   size = merge(size, 'sum')
@@ -81,6 +80,7 @@ class ToMeBlock(nn.Module):
   (x [B, N, C], size [B, N]) -> (x [B, N - r, C], size [B, N - r]). Parameter names equal
   `layers.Block`'s, so a trained Block's parameters load here unchanged.
   """
+
   num_heads: int
   mlp_ratio: float = 4.0
   r: int = 0
@@ -90,7 +90,8 @@ class ToMeBlock(nn.Module):
   def __call__(self, x: jax.Array, size: jax.Array) -> tuple[jax.Array, jax.Array]:
     h = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
     attn, metric = layers.Attention(self.num_heads, self.dtype, name='Attention_0')(
-        h, key_size=size, return_keys=True)
+      h, key_size=size, return_keys=True
+    )
     x = x + attn
     if self.r > 0:
       merge = bipartite_soft_matching(metric, self.r)
