@@ -1,7 +1,7 @@
 """How hard is a dataset at image level? A training-free reference detector, per category.
 
     python benchmarks/dataset_difficulty.py                       # the embedded dataset, 128x128
-    python benchmarks/dataset_difficulty.py --root ../shared/data/realad/mvtec_ad --image_size 256
+    python benchmarks/dataset_difficulty.py --root $JAXAD_REALAD/mvtec_ad --image_size 256
 
 The reference is a nearest-neighbour patch memory (PatchCore without coreset subsampling) on SIVT's
 default features (`configs/sivt.py`'s own `precompute`: EfficientNet-Lite0 stages 0-3, resized to

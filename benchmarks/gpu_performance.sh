@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README "Performance" table on one GPU: every model through benchmarks/throughput.py, SIVT at the
+# The GPU table of docs/performance.md on one GPU: every model through benchmarks/throughput.py, SIVT at the
 # paper's settings beside its PyTorch twin. One JSON line per measurement, on stdout and appended to
 # ${OUT:-.}/performance.jsonl. See benchmarks/README.md.
 #
@@ -11,14 +11,14 @@
 # first, then `models`. A fast load shows as an xla_compile_s of seconds (on the CPU, large programs
 # load as slowly as they compile; on the GPU not measured yet).
 #
-# TWIN: path of the PyTorch twin (default benchmarks/torch_sivt.py, else ../shared/bench/torch_sivt.py).
+# TWIN: path of the PyTorch twin of SIVT, a script outside this repository (default benchmarks/torch_sivt.py).
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-.}/performance.jsonl"
 groups="${*:-sivt models twin}"
 export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-$PWD/.xla_cache}"
 twin="${TWIN:-}"
-[ -z "$twin" ] && for t in benchmarks/torch_sivt.py ../shared/bench/torch_sivt.py; do
+[ -z "$twin" ] && for t in benchmarks/torch_sivt.py; do
   [ -f "$t" ] && twin="$t" && break
 done
 steps="${STEPS:-20}"

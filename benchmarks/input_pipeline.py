@@ -1,6 +1,6 @@
 """Input-pipeline throughput (images/s): MVTec-layout folder vs the same data prepared as TFDS ArrayRecord.
 
-python benchmarks/input_pipeline.py --root /work/shared/data/realad/mvtec_ad --category bottle \
+python benchmarks/input_pipeline.py --root $JAXAD_REALAD/mvtec_ad --category bottle \
     --image_size 256 --workers 0,2
 
 Times the training iterator alone (decode, resize, shuffle, batch; no model) over `--epochs` epochs

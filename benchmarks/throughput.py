@@ -3,11 +3,11 @@
   python benchmarks/throughput.py --config configs/sivt.py:paper --batch 64 --steps 20 \
       --config.backbone.weights=efficientnet_b4.npz --config.dtype=auto
 
-The model is built and stepped through the harness's own pieces (models.build, train.make_train_step,
-train.init_run_state, the ('data',) mesh and batch sharding) on one synthetic batch of uniform random
-images of the configured shape, fed as the harness feeds it: through pipeline.train_iterator and,
-for frozen-backbone models with `backbone.cache_features` and no augmentation, as the cached
-`precompute` outputs (e.g. SIVT's 'features'). The input pipeline itself is not timed.
+The model is built and stepped by the harness's own `train.setup` (model, ('data',) mesh, batch
+sharding, initial state, compiled steps) on one synthetic batch of uniform random images of the
+configured shape, fed as the harness feeds it: through its grain iterator and, for frozen-backbone
+models with `backbone.cache_features` and no augmentation, as the cached `precompute` outputs (e.g.
+SIVT's 'features'). The input pipeline itself is not timed.
 
 Compile times: `lower_s` traces and lowers the train step, `xla_compile_s` compiles it, or loads it
 when JAX's persistent compilation cache (`compilation_cache_dir` in the record) already holds it;
@@ -83,15 +83,8 @@ def measure(
   compile_only: bool = False,
 ) -> dict:
   """The JSON record of one model (see the module docstring); only compile times if `compile_only`."""
-  jax.config.update('jax_threefry_partitionable', True)
   config.batch_size = config.eval_batch_size = batch_size
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch_size, mesh)
-  model = models.build(config, max(1, warmup + steps * repeats))
-  frozen = parallel.replicate(model.frozen, mesh)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = parallel.replicate_key(train_key, mesh)
-
   rng = np.random.default_rng(config.seed)
   size, channels = config.dataset.image_size, config.dataset.channels
   images = {
@@ -100,25 +93,12 @@ def measure(
     'mask': np.zeros((batch_size, size, size), np.uint8),
     'index': np.arange(batch_size, dtype=np.int32),
   }
-  source = pipeline.ArraySource(images, name='throughput-synthetic')
-  cached = bool(model.cached_keys) and pipeline.augmentation(config) is None
-  if cached:  # As train.train: the step reads the frozen backbone's cached outputs.
-    source = train.precompute_source(model, frozen, source, config, mesh)
-  it = pipeline.train_iterator(
-    source, config, process_index=jax.process_index(), process_count=jax.process_count()
-  )
-  batch = {k: v for k, v in next(it).items() if k not in train._EVAL_ONLY_KEYS}
-  batch = parallel.shard_batch(batch, mesh)
-  example = {k: v[None] for k, v in source[0].items() if k not in train._EVAL_ONLY_KEYS}
-  if model.prepare is not None:
-    example.update(model.prepare(source))
-  run_state = train.init_run_state(model, example, frozen, mesh, init_key)
-
-  schedule = train.phase_schedule(config, batch_size)
-  phase = phase or schedule[-1][0]
-  step, lower_s, xla_compile_s = _compile(
-    train.make_train_step(model, mesh, phase), run_state, batch, frozen, train_key
-  )
+  run = train.setup(config, pipeline.ArraySource(images, name='throughput-synthetic'), mesh)
+  model, frozen, train_key = run.model, run.frozen, run.train_key
+  cached = bool(model.cached_keys) and 'image' not in run.source[0]  # Steps read cached features.
+  batch = run.next_batch()
+  phase = phase or run.schedule[-1][0]
+  step, lower_s, xla_compile_s = _compile(run.steps[phase], run.state, batch, frozen, train_key)
   compiled = {
     'model': config.model.name,
     'device_kind': jax.devices()[0].device_kind,
@@ -132,7 +112,7 @@ def measure(
   }
   if compile_only:
     return compiled
-  state = run_state
+  state = run.state
 
   def train_once():
     nonlocal state

@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from configs import mask_vitgan as mvg_config  # noqa: E402
+from configs import mask_vitgan as mask_vitgan_config  # noqa: E402
 from jaxad import models  # noqa: E402
 from jaxad.models import mask_vitgan, tome  # noqa: E402
 
@@ -40,16 +40,16 @@ def main():
   out = {'device': str(jax.devices()[0]), 'variant': args.variant or 'default', 'results': {}}
   timed = {}  # (r, what) -> (fn, args); compiled first, then timed interleaved over r (load drifts).
   for r in args.r:
-    c = mvg_config.get_config(args.variant or None)
+    c = mask_vitgan_config.get_config(args.variant or None)
     if args.image_size:
       c.dataset.image_size = args.image_size
     if args.batch:
       c.batch_size = args.batch
-    c.mvg.tome_r = r
+    c.mask_vitgan.tome_r = r
     b, s = c.batch_size, c.dataset.image_size
     real = jax.random.uniform(jax.random.key(0), (b, s, s, c.dataset.channels))
     images = jnp.concatenate([real, real, real])  # D sees the reals and both reconstructions.
-    cfg = c.mvg
+    cfg = c.mask_vitgan
     disc = mask_vitgan.ToMeDiscriminator(
       cfg.disc_patch_size,
       cfg.disc_width,

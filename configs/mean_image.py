@@ -1,4 +1,4 @@
-"""Mean-image baseline (jaxad/models/mean_image.py): one pass over the training set."""
+"""Mean-image baseline (docs/models/mean_image.md): one pass over the training set."""
 
 import ml_collections
 
@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  del arg
+  common.parse_arg(arg, 'mean_image')
   c = common.get_config()
   c.model.name = 'mean_image'
   c.num_epochs = 1

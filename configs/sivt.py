@@ -1,6 +1,6 @@
-"""SIVT: self-induction ViT feature reconstruction (sivt_self_induction_vit.txt).
+"""SIVT: self-induction ViT feature reconstruction (docs/models/sivt.md).
 
-configs/sivt.py        runs in minutes on a CPU on the embedded synthetic dataset.
+configs/sivt.py        minutes on a CPU on the embedded dataset: 128x128, EfficientNet-Lite0, width 128.
 configs/sivt.py:paper  the paper's protocol (Sec. IV-A): 256x256, EfficientNet-b4, P=2, N=4, width 240.
 """
 
@@ -10,21 +10,17 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
+  variant, _ = common.parse_arg(arg, 'sivt', variants=('paper',))
   c = common.get_config()
   c.model.name = 'sivt'
-  c.batch_size = 16
   c.num_epochs = 30
-  c.optimizer.name = 'adamw'
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 20
   c.optimizer.schedule = 'cosine'
   c.optimizer.kwargs = ml_collections.ConfigDict({'weight_decay': 0.05})
 
-  c.backbone = ml_collections.ConfigDict()
-  c.backbone.arch = 'tf_efficientnet_lite0'  # timm name of the frozen ImageNet CNN.
-  c.backbone.weights = 'imagenet'  # 'imagenet' (resolved offline) or a ported weights file.
-  c.backbone.features = (0, 1, 2, 3)  # timm features_only indices ("first four stages").
-  c.backbone.cache_features = True  # Extract training features once (only when no augmentation).
+  c.backbone.arch = 'tf_efficientnet_lite0'  # Frozen ImageNet CNN (installed with jaxad).
+  c.backbone.features = (0, 1, 2, 3)  # timm features_only indices: "the first four stages".
 
   c.sivt = ml_collections.ConfigDict()
   c.sivt.feature_size = 16  # Backbone maps are resized to feature_size^2 and concatenated (F).
@@ -40,7 +36,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.sivt.test_partition_seed = 0  # Seed of the fixed induction partitions used at test time.
   c.sivt.test_partitions = 1  # Fixed partitions whose anomaly maps are averaged at test time.
 
-  if arg == 'paper':
+  if variant == 'paper':
     c.dataset.image_size = 256
     c.batch_size = 8
     c.num_epochs = 400
@@ -53,11 +49,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.sivt.width = 240
     c.sivt.encoder_depth = 12
     c.sivt.decoder_depth = 8
-    # The paper does not fix the head count. 10 heads (head dim 24, a multiple of 8) run on cuDNN's
-    # fused attention; 12 (dim 20) fall back to XLA attention: 1.85x train / 2.0x inference for the
-    # transformer alone on one H100 at batch 64 (issue 9).
+    # The paper does not fix the head count: 10 heads (head dim 24, a multiple of 8) can use cuDNN's
+    # fused attention; 12 (dim 20) cannot (docs/performance.md).
     c.sivt.num_heads = 10
-    c.dataset.unified = True
-  elif arg:
-    raise ValueError(f'Unknown sivt variant {arg!r}; expected "" or "paper".')
   return c

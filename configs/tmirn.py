@@ -1,4 +1,4 @@
-"""TMIRN: multi-scale Transformer reconstruction GAN (tmirn_infrared_multiscale_reconstruction.txt).
+"""TMIRN: multi-scale Transformer reconstruction GAN (docs/models/tmirn.md).
 
   configs/tmirn.py        the embedded synthetic dataset (incl. the infrared-like ring_seal) on a CPU:
                           64x64, the paper's architecture with base width 8 (8 ... 128 channels)
@@ -17,30 +17,26 @@ from configs import common
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
+  variant, _ = common.parse_arg(arg, 'tmirn', variants=('paper',))
   c = common.get_config()
   c.model.name = 'tmirn'
   c.dataset.image_size = 64  # Must be a multiple of 32 (five stride-2 levels).
-  c.dataset.unified = True  # One model over all categories (per-category: see :paper).
-  c.batch_size = 16
   c.num_epochs = 8
-  c.eval_batch_size = 32
-  c.log_every = 10
   c.optimizer.name = 'adam'
   c.optimizer.learning_rate = 1e-3
   c.optimizer.kwargs = ml_collections.ConfigDict({'b1': 0.5, 'b2': 0.999})
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = 'cosine'
-  c.image_score = 'max_zscore'  # Map maximum after per-pixel standardisation against the training
-  # maps (not in the paper, which does not say how it scores images):
-  # image AUROC 53.2 -> 67.0 embedded, 64.8 -> 96.1 bottle (README).
+  c.image_score = 'max_zscore'  # The paper does not say how it scores images (see the model doc).
 
   c.tmirn = ml_collections.ConfigDict()
   # Architecture (G and D share the MTFE/MAFF layout).
   c.tmirn.base_width = 8  # Channels at S/2; doubled per level up to 16x at S/32 (paper 32).
   c.tmirn.disc_base_width = 8  # The discriminator's base width (the paper's D = its encoder).
   c.tmirn.vit_depth = 1  # PVT blocks per ViT module (Fig. 5: two); 0 = conv only.
-  c.tmirn.disc_vit_depth = 0  # The discriminator's (paper: as G's). 0, a conv-only D, for CPU compile
-  # time: the gradient penalty differentiates D's three MTFEs twice.
+  # PVT blocks per ViT module of the discriminator (paper: as G's). 0, a conv-only D, keeps the CPU
+  # compile time short: the gradient penalty differentiates D's three MTFEs twice.
+  c.tmirn.disc_vit_depth = 0
   c.tmirn.head_dim = 32  # Attention heads = channels // head_dim (at least 1).
   c.tmirn.pool_tokens = 4  # K, V average-pooled with k = H // pool_tokens (Eq. 2-3).
   c.tmirn.mlp_ratio = 4.0  # FFD hidden width / channels (Eq. 6).
@@ -62,10 +58,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.tmirn.smooth_kernels = (3, 5, 7)  # Mean-pool kernels of the S_f smoothing (Fig. 9); () = off.
   c.tmirn.image_smoothing_sigma = 1.0  # Gaussian sigma (pixels at image_size) denoising S_i.
 
-  if arg == 'paper':
+  if variant == 'paper':
     c.dataset.image_size = 224
     c.dataset.unified = False  # One model per category.
-    c.batch_size = 16  # Not given in the paper.
+    # batch_size 16: not given in the paper.
     c.eval_batch_size = 16
     c.num_epochs = 200
     c.log_every = 50
@@ -85,6 +81,4 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.tmirn.latent_dim = 256  # Not given in the paper.
     c.tmirn.ssim_filter_size = 11
     c.tmirn.image_smoothing_sigma = 4.0
-  elif arg:
-    raise ValueError(f'Unknown tmirn variant {arg!r}; expected "" or "paper".')
   return c

@@ -1,14 +1,13 @@
-"""ViT-Mem-CA: ViT autoencoder + memory module + coordinate attention (vit_memory_coordinate_attention_ae.txt).
+"""ViT-Mem-CA: ViT autoencoder + memory module + coordinate attention (docs/models/vit_memae.md).
 
-  configs/vit_memae.py        the embedded synthetic dataset on a CPU: 128x128, P=16, D=128, 4 blocks, one model
-                              per category, 20 epochs (150 steps each): ~8.5 min for all 5 categories on 2
-                              shared cores (~0.26-0.35 s per batch of 8); MVTec bottle: ~3.6 min.
+  configs/vit_memae.py        the embedded dataset on a CPU: 128x128, P=16, D=128, 4 blocks, one model
+                              per category, 20 epochs.
   configs/vit_memae.py:paper  the paper's protocol (Sec. 4.2): 384x384, P=16, D=768, 8 heads, Adam 2e-4,
                               batch 8, 200 epochs, lambda_recon 1, lambda_ent 0.001, one model per category.
   configs/vit_memae.py:btad   :paper on BeanTech AD's folder layout (train/ok, test/ok|ko, ground_truth/ko).
 
-Table 6 ablation: append ',base', ',mem', ',ca' or ',full' to any variant (e.g. `:paper,base`, `:,mem`), or set
---config.vit_memae.use_memory / --config.vit_memae.use_coord_attention directly.
+Table 6 ablation: append ',base', ',mem', ',ca' or ',full' to any variant (e.g. `:paper,base`, `:,mem`),
+or set --config.vit_memae.use_memory / --config.vit_memae.use_coord_attention directly.
 """
 
 import ml_collections
@@ -24,7 +23,7 @@ _ABLATIONS = {  # Table 6 rows: (use_memory, use_coord_attention).
 
 
 def get_config(arg=None) -> ml_collections.ConfigDict:
-  variant, *ablation = (arg or '').split(',')
+  variant, ablations = common.parse_arg(arg, 'vit_memae', variants=('paper', 'btad'), flags=_ABLATIONS)
   c = common.get_config()
   c.model.name = 'vit_memae'
   c.dataset.image_size = 128
@@ -65,7 +64,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   if variant in ('paper', 'btad'):
     c.dataset.image_size = 384
-    c.batch_size = 8
     c.eval_batch_size = 8
     c.num_epochs = 200
     c.log_every = 50
@@ -77,16 +75,11 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.vit_memae.depth = 8  # Not given in the paper.
     c.vit_memae.num_memory = 2000  # Not given; MemAE's code default.
     c.vit_memae.decoder_channels = (512, 512, 256, 128, 64, 32)
-    c.dataset.unified = False
     if variant == 'btad':
       c.dataset.name = 'folder'
       c.dataset.root = ''  # The BTAD root (01/, 02/, 03/ with train/ok, test/ok|ko, ground_truth/ko).
       c.dataset.good_name = 'ok'
       c.dataset.mask_suffix = ''  # ground_truth/ko/0000.png masks test/ko/0000.bmp.
-  elif variant:
-    raise ValueError(f'Unknown vit_memae variant {variant!r}; expected "", "paper" or "btad".')
-  for name in ablation:
-    if name not in _ABLATIONS:
-      raise ValueError(f'Unknown vit_memae ablation {name!r}; expected one of {sorted(_ABLATIONS)}.')
+  for name in ablations:
     c.vit_memae.use_memory, c.vit_memae.use_coord_attention = _ABLATIONS[name]
   return c

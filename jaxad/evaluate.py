@@ -34,24 +34,14 @@ def max_zscore(maps: np.ndarray, normal_maps: np.ndarray, std_floor: float = 0.1
   return ((maps - mean) / std).reshape(len(maps), -1).max(1)
 
 
-def map_in_order(fn, source, config, mesh):
-  """Applies a jitted `fn(batch_of_images) -> outputs` to `source` in order, sharded over devices.
-
-  Yields (host outputs, host batch, number of valid rows); the last batch is padded.
-  """
-  batch_size = config.eval_batch_size
-  parallel.check_batch_size(batch_size, mesh, 'eval_batch_size')
-  for batch, n in pipeline.ordered_batches(source, batch_size, config.dataset.num_workers):
-    local = parallel.local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
-    yield jax.device_get(fn(parallel.shard_batch(local, mesh))), batch, n
-
-
 def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) -> dict:
   """Anomaly maps [N, H, W], image scores [N], labels [N] and masks [N, H, W] of `samples`."""
   score_fn = score_fn or jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   source = pipeline.image_source(config, samples)
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
-  for (maps, scores), batch, n in map_in_order(lambda b: score_fn(state, b, frozen), source, config, mesh):
+  for (maps, scores), batch, n in parallel.map_in_order(
+    lambda b: score_fn(state, b, frozen), source, config, mesh
+  ):
     out['maps'].append(np.asarray(maps, np.float32)[:n])
     out['scores'].append(np.asarray(scores, np.float32)[:n])
     out['labels'].append(batch['label'][:n])

@@ -1,4 +1,4 @@
-"""Optimizers from the config, and the one gradient-application helper every model uses."""
+"""Optimizers from the config, the gradient-application helper every model uses, the paired GAN update."""
 
 import jax
 import jax.numpy as jnp
@@ -44,9 +44,30 @@ def apply_gradients(state: train_state.TrainState, grads, prefix: str = ''):
   return new_state, norms
 
 
-def mean_metrics(metrics: dict) -> dict:
-  """Casts metric values to float32 scalars (the harness averages them over steps)."""
-  return {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
+def paired_gan_update(g_state, d_state, generate, d_loss_fn, g_loss_fn):
+  """One discriminator update, then one generator update against the updated discriminator.
+
+  The generator runs forward once: `generate(g_params) -> (outputs, g_updates)`. The discriminator
+  step sees its outputs with the gradient stopped, `d_loss_fn(d_params, outputs) -> (loss, (d_updates,
+  metrics))`; then `g_loss_fn(g_params, outputs, d_state) -> (loss, metrics)` is differentiated with
+  respect to the generator's parameters directly and, through the pullback of that one forward pass,
+  through `outputs`. `g_updates` / `d_updates` are TrainState fields to replace after each update
+  (e.g. BatchNorm statistics). Returns (g_state, d_state, metrics) with both losses and the
+  gradient/parameter norms prefixed 'g_' and 'd_'.
+  """
+  outputs, pullback, g_updates = jax.vjp(generate, g_state.params, has_aux=True)
+  d_grad_fn = jax.value_and_grad(d_loss_fn, has_aux=True)
+  (d_loss, (d_updates, d_metrics)), d_grads = d_grad_fn(d_state.params, jax.lax.stop_gradient(outputs))
+  d_state, d_norms = apply_gradients(d_state, d_grads, prefix='d_')
+  d_state = d_state.replace(**d_updates)
+
+  g_grad_fn = jax.value_and_grad(g_loss_fn, argnums=(0, 1), has_aux=True)
+  (g_loss, g_metrics), (g_direct, output_grads) = g_grad_fn(g_state.params, outputs, d_state)
+  (g_through,) = pullback(output_grads)
+  g_state, g_norms = apply_gradients(g_state, jax.tree.map(jnp.add, g_direct, g_through), prefix='g_')
+  g_state = g_state.replace(**g_updates)
+  metrics = {'loss': g_loss, **g_metrics, 'd_loss': d_loss, **d_metrics, **g_norms, **d_norms}
+  return g_state, d_state, metrics
 
 
 def tree_size(tree) -> int:

@@ -5,6 +5,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxad.data import pipeline
+
 
 def make_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), ('data',))
@@ -50,10 +52,14 @@ def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
   return replicate(jax.random.key_data(key), mesh)
 
 
-def gather(x: jax.Array) -> np.ndarray:
-  """A batch-sharded global array as one numpy array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  from jax.experimental import multihost_utils
+def map_in_order(fn, source, config, mesh):
+  """Applies a jitted `fn(batch_of_images) -> outputs` to `source` in order, sharded over devices.
 
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  Yields (host outputs, host batch, number of valid rows); the last batch is padded. Every process
+  decodes every batch and feeds its own rows.
+  """
+  batch_size = config.eval_batch_size
+  check_batch_size(batch_size, mesh, 'eval_batch_size')
+  for batch, n in pipeline.ordered_batches(source, batch_size, config.dataset.num_workers):
+    local = local_rows({'image': batch['image']}, jax.process_index(), jax.process_count())
+    yield jax.device_get(fn(shard_batch(local, mesh))), batch, n

@@ -1,5 +1,6 @@
 """The one training harness for every jaxad model: data, sharded jitted steps, logging, checkpoints."""
 
+import dataclasses
 import functools
 import os
 import signal
@@ -77,12 +78,10 @@ def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
   """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source."""
   fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
   parts = {k: [] for k in model.cached_keys}
-  batches = evaluate.map_in_order(lambda b: fn(b, frozen), source, config, mesh)
+  batches = parallel.map_in_order(lambda b: fn(b, frozen), source, config, mesh)
+  num_batches = -(-len(source) // config.eval_batch_size)
   for out, _, n in tqdm(
-    batches,
-    total=-(-len(source) // config.eval_batch_size),
-    desc='caching features',
-    disable=jax.process_index() != 0,
+    batches, total=num_batches, desc='caching features', disable=jax.process_index() != 0
   ):
     for k in parts:
       parts[k].append(np.asarray(out[k])[:n])
@@ -145,6 +144,134 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   )
 
 
+@dataclasses.dataclass
+class Run:
+  """What a training run holds before its first step (made by `setup`)."""
+
+  model: models.AnomalyModel
+  frozen: Any  # The model's frozen constants, replicated.
+  source: Any  # The training source (with cached `precompute` outputs where the model has them).
+  iterator: Any  # The grain iterator; its position is saved in every checkpoint.
+  state: RunState
+  schedule: list[tuple[str | None, int]]  # phase_schedule: [(phase, end step)].
+  steps: dict  # Phase -> jitted train step (make_train_step).
+  train_key: jax.Array  # Raw bits of the training key, replicated.
+  mesh: Any
+
+  @property
+  def total(self) -> int:
+    return self.schedule[-1][1]
+
+  def next_batch(self) -> dict:
+    """The next training batch, sharded over the mesh, without the evaluation-only keys."""
+    batch = {k: v for k, v in next(self.iterator).items() if k not in _EVAL_ONLY_KEYS}
+    return parallel.shard_batch(batch, self.mesh)
+
+  def step(self, step: int, batch: dict) -> dict:
+    """Runs training step `step` (its phase's compiled program) on `batch`; returns its metrics."""
+    phase = next(name for name, last in self.schedule if step < last)
+    self.state, metrics = self.steps[phase](self.state, batch, self.frozen, self.train_key)
+    return metrics
+
+
+def setup(config: ml_collections.ConfigDict, source, mesh) -> Run:
+  """The model, its data iterator over `source`, the initial state and the compiled steps of a run."""
+  jax.config.update('jax_threefry_partitionable', True)
+  parallel.check_batch_size(config.batch_size, mesh)
+  model = models.build(config, pipeline.total_steps(len(source), config))
+  frozen = parallel.replicate(model.frozen, mesh)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  if model.cached_keys and config.backbone.cache_features and pipeline.augmentation(config) is None:
+    source = precompute_source(model, frozen, source, config, mesh)
+  iterator = pipeline.train_iterator(
+    source, config, process_index=jax.process_index(), process_count=jax.process_count()
+  )
+  example = {k: v[None] for k, v in source[0].items() if k not in _EVAL_ONLY_KEYS}
+  if model.prepare is not None:
+    example.update(model.prepare(source))
+  state = init_run_state(model, example, frozen, mesh, init_key)
+  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(params_of(state.model)))
+  schedule = phase_schedule(config, len(source))
+  steps = {name: make_train_step(model, mesh, name) for name, _ in schedule}
+  train_key = parallel.replicate_key(train_key, mesh)
+  return Run(model, frozen, source, iterator, state, schedule, steps, train_key, mesh)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, run: Run) -> None:
+  """Replaces `run.state` and the iterator position by the latest checkpoint's, if there is one."""
+  latest = mngr.latest_step()
+  if latest is None:
+    return
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, run.state)
+  args = ocp.args.Composite(
+    state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.iterator)
+  )
+  run.state = mngr.restore(latest, args=args).state
+  logging.info('Resumed from step %d in %s', latest, mngr.directory)
+
+
+def save(mngr: ocp.CheckpointManager, run: Run, step: int) -> None:
+  """An (asynchronous) checkpoint of the run state and the iterator position."""
+  args = ocp.args.Composite(
+    state=ocp.args.StandardSave(run.state), data=grain.checkpoint.CheckpointSave(run.iterator)
+  )
+  mngr.save(step, args=args)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """After which completed step the loop logs, checkpoints, evaluates and checks for NaN/Inf."""
+
+  log_every: int
+  checkpoint_every: int
+  total: int  # Steps of the whole run.
+  end: int  # The step this call stops after (`stop_after`, else total).
+  phase_ends: frozenset
+  steps_per_epoch: float
+  eval_every_epochs: int  # 0: no evaluation during training.
+
+  def log(self, done: int) -> bool:
+    return done % self.log_every == 0 or done == self.total or done in self.phase_ends
+
+  def checkpoint(self, done: int, preempted: bool) -> bool:
+    ends = (self.total, self.end)
+    return done % self.checkpoint_every == 0 or done in ends or preempted or done in self.phase_ends
+
+  def evaluate(self, done: int) -> bool:
+    if not self.eval_every_epochs or done >= self.total:
+      return False
+    epoch, previous = int(done / self.steps_per_epoch), int((done - 1) / self.steps_per_epoch)
+    return epoch > previous and epoch % self.eval_every_epochs == 0
+
+  def check(self, done: int, preempted: bool) -> bool:
+    """Whether this step's metrics are checked at once (else while the next step runs)."""
+    return self.log(done) or self.checkpoint(done, preempted) or self.evaluate(done)
+
+
+class ScalarLog:
+  """Averages the checked metrics between logs; writes them with img/s, epoch and phase wall time."""
+
+  def __init__(self, writer: writers.MetricWriter, batch_size: int, start: int, phased: bool):
+    self.writer, self.batch_size, self.phased = writer, batch_size, phased
+    self.accumulated, self.t0, self.n0 = None, time.perf_counter(), start
+    self.phase_t0 = self.t0
+
+  def add(self, host: dict) -> None:
+    one = _collection(tuple(sorted(host))).single_from_model_output(**host)
+    self.accumulated = one if self.accumulated is None else self.accumulated.merge(one)
+
+  def write(self, done: int, epoch: float, phase_end: bool) -> dict:
+    scalars = {f'train/{k}': float(v) for k, v in self.accumulated.compute().items()}
+    elapsed = time.perf_counter() - self.t0
+    scalars['train/img_per_s'] = (done - self.n0) * self.batch_size / max(elapsed, 1e-9)
+    scalars['train/epoch'] = epoch
+    if phase_end and self.phased:  # Wall time of the phase (since its start or the resume).
+      scalars['train/phase_seconds'], self.phase_t0 = time.perf_counter() - self.phase_t0, time.perf_counter()
+    self.writer.write_scalars(done, scalars)
+    self.accumulated, self.t0, self.n0 = None, time.perf_counter(), done
+    return scalars
+
+
 def train(
   config: ml_collections.ConfigDict,
   workdir: str,
@@ -157,58 +284,32 @@ def train(
 
   `stop_after`: end (with a checkpoint) after this many total steps, as a preempted run would.
   """
-  jax.config.update('jax_threefry_partitionable', True)
-  pi, pc = jax.process_index(), jax.process_count()
-  parallel.check_batch_size(config.batch_size, mesh)
-  total = pipeline.total_steps(len(train_samples), config)
-  steps_per_epoch = len(train_samples) / config.batch_size
-  model = models.build(config, total)
-  frozen = parallel.replicate(model.frozen, mesh)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  train_key = parallel.replicate_key(train_key, mesh)
-
-  source = pipeline.image_source(config, train_samples)
-  if model.cached_keys and pipeline.augmentation(config) is None:
-    source = precompute_source(model, frozen, source, config, mesh)
-  it = pipeline.train_iterator(source, config, process_index=pi, process_count=pc)
-
-  example = {k: v[None] for k, v in source[0].items() if k not in _EVAL_ONLY_KEYS}
-  if model.prepare is not None:
-    example.update(model.prepare(source))
-  run_state = init_run_state(model, example, frozen, mesh, init_key)
-  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(params_of(run_state.model)))
-
+  run = setup(config, pipeline.image_source(config, train_samples), mesh)
   mngr = checkpoint_manager(workdir, config)
-  latest = mngr.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, run_state)
-    restored = mngr.restore(
-      latest,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(it)
-      ),
-    )
-    run_state = restored.state
-    logging.info('Resumed from step %d in %s', latest, mngr.directory)
-  start = int(run_state.step)
-
-  def save(step):
-    mngr.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(run_state), data=grain.checkpoint.CheckpointSave(it)
-      ),
-    )
-
-  schedule = phase_schedule(config, len(train_samples))
-  train_steps = {name: make_train_step(model, mesh, name) for name, _ in schedule}
-  phase_ends = {end for _, end in schedule}
+  restore_latest(mngr, run)
   writer = writers.MetricWriter(workdir)
-  accumulated, pending, t0, n0 = None, None, time.perf_counter(), start
-  phase_t0 = t0
+  try:
+    loop(config, run, mngr, writer, eval_fn, stop_after)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+  return run.model, run.state.model, run.frozen
 
-  def record(step, metrics):
-    nonlocal accumulated
+
+def loop(config, run: Run, mngr, writer, eval_fn=None, stop_after: int | None = None) -> None:
+  """The training steps from the run's current step on; logs, checkpoints and evaluates by `Cadence`."""
+  start, total = int(run.state.step), run.total
+  end = total if stop_after is None else min(total, stop_after)
+  steps_per_epoch = len(run.source) / config.batch_size
+  phase_ends = frozenset(e for _, e in run.schedule)
+  eval_every = config.eval_every_epochs if eval_fn is not None else 0
+  cadence = Cadence(
+    config.log_every, config.checkpoint_every, total, end, phase_ends, steps_per_epoch, eval_every
+  )
+  scalars = ScalarLog(writer, config.batch_size, start, phased=run.schedule[0][0] is not None)
+
+  def check(step, metrics):
     host = jax.device_get(metrics)
     bad = {k: v for k, v in host.items() if not np.isfinite(v)}
     if bad:
@@ -217,56 +318,28 @@ def train(
         f'Non-finite {bad} at step {step}; training stopped. Last good checkpoint: step '
         f'{mngr.latest_step()} in {mngr.directory}.'
       )
-    one = _collection(tuple(sorted(host))).single_from_model_output(**host)
-    accumulated = one if accumulated is None else accumulated.merge(one)
+    scalars.add(host)
 
-  pbar = tqdm(total=total, initial=start, desc=f'train {config.model.name}', disable=pi != 0)
+  pending = None  # The previous step's metrics, checked while this step runs.
+  pbar = tqdm(total=total, initial=start, desc=f'train {config.model.name}', disable=jax.process_index() != 0)
   try:
     with _StopSignals() as stop:
-      end = total if stop_after is None else min(total, stop_after)
       for step in range(start, end):
-        batch = {k: v for k, v in next(it).items() if k not in _EVAL_ONLY_KEYS}
-        phase = next(name for name, last in schedule if step < last)
-        run_state, metrics = train_steps[phase](
-          run_state, parallel.shard_batch(batch, mesh), frozen, train_key
-        )
-        if pending is not None:  # Check the previous step while this one runs.
-          record(step, pending)
+        metrics = run.step(step, run.next_batch())
+        if pending is not None:
+          check(step, pending)
         pending, done = metrics, step + 1
         preempted = stop.received is not None
-        evaluate_now = (
-          eval_fn is not None
-          and config.eval_every_epochs
-          and done < total
-          and int(done / steps_per_epoch) > int((done - 1) / steps_per_epoch)
-          and int(done / steps_per_epoch) % config.eval_every_epochs == 0
-        )
-        if (
-          done % config.log_every == 0
-          or done % config.checkpoint_every == 0
-          or done in (total, end)
-          or evaluate_now
-          or preempted
-          or done in phase_ends
-        ):
-          record(done, pending)
+        if cadence.check(done, preempted):
+          check(done, pending)
           pending = None
-        if done % config.log_every == 0 or done == total or done in phase_ends:
-          scalars = {f'train/{k}': float(v) for k, v in accumulated.compute().items()}
-          elapsed = time.perf_counter() - t0
-          scalars['train/img_per_s'] = (done - n0) * config.batch_size / max(elapsed, 1e-9)
-          scalars['train/epoch'] = done / steps_per_epoch
-          if (
-            done in phase_ends and schedule[0][0] is not None
-          ):  # Wall time of the phase (since start/resume).
-            scalars['train/phase_seconds'], phase_t0 = time.perf_counter() - phase_t0, time.perf_counter()
-          writer.write_scalars(done, scalars)
-          pbar.set_postfix(loss=f'{scalars["train/loss"]:.4g}', img_s=f'{scalars["train/img_per_s"]:.1f}')
-          accumulated, t0, n0 = None, time.perf_counter(), done
-        if done % config.checkpoint_every == 0 or done in (total, end) or preempted or done in phase_ends:
-          save(done)
-        if evaluate_now:
-          writer.write_scalars(done, eval_fn(model, run_state.model, frozen, done))
+        if cadence.log(done):
+          logged = scalars.write(done, done / steps_per_epoch, done in phase_ends)
+          pbar.set_postfix(loss=f'{logged["train/loss"]:.4g}', img_s=f'{logged["train/img_per_s"]:.1f}')
+        if cadence.checkpoint(done, preempted):
+          save(mngr, run, done)
+        if cadence.evaluate(done):
+          writer.write_scalars(done, eval_fn(run.model, run.state.model, run.frozen, done))
         pbar.update(1)
         if preempted:
           mngr.wait_until_finished()
@@ -276,10 +349,6 @@ def train(
           )
   finally:
     pbar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
-  return model, run_state.model, frozen
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

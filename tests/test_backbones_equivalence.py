@@ -109,10 +109,6 @@ def test_features_match_timm(arch, tmp_path):
     torch_err = _max_abs(ref32[i], ref64[i])
     our_err = _max_abs(ours32[i], ref64[i])
     scale = float(np.abs(ref64[i]).max())
-    print(
-      f'{arch} feature {i}: f64 diff {d64:.1e}  f32 diff {d32:.1e}  '
-      f'(torch f32 err {torch_err:.1e}, ours {our_err:.1e}, max|ref| {scale:.1f})'
-    )
     assert d64 <= 1e-4, (arch, i, d64)
     assert our_err <= 4 * torch_err + 1e-5, (arch, i, our_err, torch_err)
     assert d32 <= 1e-4 * max(1.0, scale), (arch, i, d32, scale)
@@ -142,7 +138,6 @@ def test_logits_match_timm(arch, size, tmp_path):
     )
   assert ours.shape == (x.shape[0], 1000)
   d = _max_abs(ours, ref)
-  print(f'{arch} logits f64 diff {d:.1e}')
   assert d <= 1e-4
 
 
@@ -179,10 +174,6 @@ def test_real_lite0_weights_match_timm():
     )
   assert _max_abs(logits, ref_logits) <= 1e-4
   for o, r, o64, r64 in zip(feats, ref_feats, feats64, ref64):
-    print(
-      f'lite0 real weights: f64 diff {_max_abs(o64, r64):.1e}, f32 diff {_max_abs(o, r):.1e}, '
-      f'max|ref| {float(np.abs(r).max()):.1f}'
-    )
     assert _max_abs(o64, r64) <= 1e-4
     assert _max_abs(o, r) <= 1e-5 * max(1.0, float(np.abs(r).max()))
   assert int(np.argmax(logits)) in range(281, 286)

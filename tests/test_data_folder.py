@@ -5,12 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REALAD
 from PIL import Image
 
 from jaxad.data import folder
 from jaxad.data.folder import DatasetError
-
-REALAD = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'realad'
 
 
 def _save(path, image):
@@ -240,7 +239,7 @@ def test_empty_or_missing_folders(mvtec):
     folder.scan_split(mvtec, 'cat_zzz', 'train')
 
 
-@pytest.mark.skipif(not REALAD.is_dir(), reason='shared/data/realad is absent')
+@pytest.mark.skipif(not REALAD.is_dir(), reason='the real datasets ($JAXAD_REALAD) are absent')
 def test_real_mvtec_bottle():
   root = REALAD / 'mvtec_ad'
   assert 'bottle' in folder.list_categories(root)
@@ -256,7 +255,7 @@ def test_real_mvtec_bottle():
   assert x.shape == (64, 64, 3) and m.shape == (64, 64) and m.any()
 
 
-@pytest.mark.skipif(not REALAD.is_dir(), reason='shared/data/realad is absent')
+@pytest.mark.skipif(not REALAD.is_dir(), reason='the real datasets ($JAXAD_REALAD) are absent')
 def test_real_magnetic_tile():
   root = REALAD / 'mtd'
   test = folder.scan_split(root, 'magnetic_tile', 'test')

@@ -152,13 +152,5 @@ def test_sivt_bfloat16_keeps_fp32_state_and_scores_like_float32(tiny_dataset, tm
   diff = np.abs(s16['maps'] - s32['maps']).max()
   assert diff > 0  # bfloat16 really ran.
   corr = [np.corrcoef(a.ravel(), b.ravel())[0, 1] for a, b in zip(s16['maps'], s32['maps'])]
-  print(
-    'max |diff|',
-    diff,
-    'min per-image map correlation',
-    min(corr),
-    'image-score Spearman',
-    scipy.stats.spearmanr(s16['scores'], s32['scores'])[0],
-  )
   assert min(corr) > 0.99
   assert scipy.stats.spearmanr(s16['scores'], s32['scores'])[0] > 0.95

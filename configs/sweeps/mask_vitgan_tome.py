@@ -8,4 +8,4 @@ from jaxad.sweep import grid
 
 def get_sweep(arg=None) -> list[dict]:
   del arg
-  return grid({'mvg.tome_r': [0, 2, 4], 'mvg.long_skips': [True, False]})
+  return grid({'mask_vitgan.tome_r': [0, 2, 4], 'mask_vitgan.long_skips': [True, False]})

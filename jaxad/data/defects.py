@@ -111,23 +111,27 @@ class DefectSynthesizer:
     return {**example, 'defect_image': (image * (1 - m) + fill * m).astype(np.float32), 'defect_mask': mask}
 
 
-_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
-
-
 def synthesizer(config: ml_collections.ConfigDict, source) -> DefectSynthesizer | None:
-  """The transform `config.defects` describes, or None when the config has no defects block."""
-  d = config.get('defects')
-  if not d or not d.enabled:
+  """The transform `config.defects` describes, or None when it is not enabled."""
+  d = config.defects
+  if not d.enabled:
     return None
   paths = ()
   if d.fill == 'folder':
     if not d.fill_root or not os.path.isdir(d.fill_root):
       raise ValueError(f"defects.fill='folder' needs defects.fill_root, an image folder; got {d.fill_root!r}")
     paths = tuple(
-      sorted(os.path.join(r, f) for r, _, fs in os.walk(d.fill_root) for f in fs if f.lower().endswith(_EXTS))
+      sorted(
+        os.path.join(r, f)
+        for r, _, fs in os.walk(d.fill_root)
+        for f in fs
+        if f.lower().endswith(folder.IMAGE_EXTENSIONS)
+      )
     )
     if not paths:
-      raise ValueError(f'defects.fill_root {d.fill_root!r} holds no images ({", ".join(_EXTS)}).')
+      raise ValueError(
+        f'defects.fill_root {d.fill_root!r} holds no images ({", ".join(folder.IMAGE_EXTENSIONS)}).'
+      )
   elif d.fill not in ('train', 'procedural'):
     raise ValueError(f"Unknown defects.fill {d.fill!r}; expected 'train', 'procedural' or 'folder'.")
   lo, hi = d.coverage

@@ -20,11 +20,11 @@ Defect masks are exact: a mask pixel is set iff the stored defective image
 differs from the same image rendered without the defect
 (``render(..., clean=True)``).
 
-Version 2 enlarged the defects: version 1's were fourteen times smaller than real
-MVTec AD bottle defects (median mask area 0.4 % against 5.7 %), mostly within
-one feature cell of a stride-8 CNN at 128x128: even a nearest-neighbour patch
-memory on ImageNet features reached only 0.77 image AUROC (marble 0.52). Version 2 has a
-median defect area of 1.0 % (0.26-6 %) and keeps marble's hard cases.
+Defect sizes (generator version 2): the median mask area is 1.0 % of the image
+(0.26-6 %; real MVTec AD bottle defects: 5.7 %), so most defects span several
+feature cells of a stride-8 CNN at 128x128, and marble keeps hard cases. Version
+1's defects (median 0.4 %) mostly fell within one cell, where even a
+nearest-neighbour patch memory on ImageNet features hardly saw them.
 """
 
 from __future__ import annotations

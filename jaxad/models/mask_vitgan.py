@@ -1,7 +1,7 @@
-"""Mask-ViT-GAN: U-ViT GAN with multi-scale complementary block masks and ToMe (mask_vit_gan_tome.txt).
+"""Mask-ViT-GAN: U-ViT GAN with multi-scale complementary block masks and ToMe.
 
 Zhao et al., "Metal Surface Defect Detection Based on a Transformer with Multi-Scale Mask Feature
-Fusion", Sensors 2023.
+Fusion", Sensors 2023. Results and deviations: docs/models/mask_vitgan.md.
 
 * Masks (Sec. 2.2, Fig. 5): three scales; at each a checkerboard of n x n square blocks (n even, so
   white:black is exactly 1:1) and its complement. Mask value 1 ("white") = removed: those pixels
@@ -20,7 +20,7 @@ Fusion", Sensors 2023.
   copies are reconstructed. D is updated first (BCE: real -> 1, both reconstructions -> 0), then G
   with D's new weights: L = a1 L_adv + a2 L_enc + a3 L_con (Eq. 1-5), L_adv = ||f(x) - f(x_hat)||^2,
   L_enc = ||z - z_hat||^2, L_con = L1 + (1 - SSIM) + L1 of image gradients. Not in the paper:
-  `mvg.structure_warmup = (start, end)`: L_con = L1 + w (SSIM and gradient terms) with w = 0 before
+  `mask_vitgan.structure_warmup = (start, end)`: L_con = L1 + w (SSIM and gradient terms) with w = 0 before
   generator step `start`, rising linearly to 1 at `end` (started with w = 1, the small default
   generator can stall at one input-independent output on the embedded data).
 * Test (Sec. 2.4.2, Eq. 6-9): all six masked copies are reconstructed; each complementary pair is
@@ -38,8 +38,8 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from jaxad import losses, models, optim
-from jaxad.models import AnomalyModel, layers, tome
+from jaxad import losses, optim
+from jaxad.models import AnomalyModel, ModelContext, layers, tome
 
 
 def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
@@ -112,7 +112,7 @@ class UViTGenerator(nn.Module):
     """small_head: the patch head starts near zero (std 0.02, as timm's ViT Linear layers), its
     output is read around mid-grey (+0.5) and the 3x3 conv is a zero-initialised residual, so the
     first reconstruction is grey instead of N(0, 1) noise, which AdamW at 1e-4..5e-4 per step needs
-    hundreds of steps to undo. False: Flax default inits, plain conv (the collapsing version)."""
+    hundreds of steps to undo. False: Flax default inits and a plain conv."""
     b, h, w, _ = image.shape
     p = self.patch_size
     gh, gw = h // p, w // p
@@ -194,7 +194,7 @@ def gradient_l1(a: jax.Array, b: jax.Array) -> jax.Array:
 def consistency_loss(
   target: jax.Array, recon: jax.Array, structure_weight: jax.Array | float = 1.0
 ) -> tuple[jax.Array, dict]:
-  """L_con = L1 + w (1 - SSIM + gradient L1) (Eq. 1-4 with w = 1; `mvg.structure_warmup` ramps w)."""
+  """L_con = L1 + w (1 - SSIM + gradient L1) (Eq. 1-4 with w = 1; `mask_vitgan.structure_warmup` ramps w)."""
   l1 = jnp.mean(jnp.abs(recon - target))
   ssim = losses.ssim_loss(recon, target)
   grad = gradient_l1(target, recon)
@@ -217,17 +217,14 @@ def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
   return jnp.take_along_axis(errors, f[:, None, None, None], axis=1)[:, 0]
 
 
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  cfg = config.mvg
-  dtype = models.compute_dtype(config.dtype)
-  size = config.dataset.image_size
-  channels = config.dataset.channels
+def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  dtype, size, channels = ctx.dtype, ctx.image_size, ctx.channels
   for name, p in (('patch_size', cfg.patch_size), ('disc_patch_size', cfg.disc_patch_size)):
     if size % p:
-      raise ValueError(f'mvg.{name} {p} does not divide image_size {size}')
+      raise ValueError(f'mask_vitgan.{name} {p} does not divide image_size {size}')
   start, end = cfg.structure_warmup
   if not 0 <= start <= end:
-    raise ValueError(f'mvg.structure_warmup {tuple(cfg.structure_warmup)} needs 0 <= start <= end')
+    raise ValueError(f'mask_vitgan.structure_warmup {tuple(cfg.structure_warmup)} needs 0 <= start <= end')
   masks = jnp.asarray(complementary_masks(size, tuple(cfg.mask_cells)))  # [S, 2, H, W]
   num_scales = masks.shape[0]
   gen = UViTGenerator(
@@ -242,7 +239,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     cfg.out_conv,
     cfg.small_head,
     dtype,
-    attention_implementation=config.attention_implementation,
+    attention_implementation=ctx.attention_implementation,
   )
   enc = ViTEncoder(
     cfg.patch_size,
@@ -252,7 +249,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     cfg.latent_dim,
     cfg.mlp_ratio,
     dtype,
-    attention_implementation=config.attention_implementation,
+    attention_implementation=ctx.attention_implementation,
   )
   disc = ToMeDiscriminator(
     cfg.disc_patch_size,
@@ -265,8 +262,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     dtype,
   )
   a_adv, a_enc, a_con = (float(a) for a in cfg.alpha)
-  g_tx = optim.make_optimizer(config.optimizer, total_steps)
-  d_tx = optim.make_optimizer(config.optimizer, total_steps)
+  g_tx = ctx.make_optimizer()
+  d_tx = ctx.make_optimizer()
 
   def init(rng, batch, frozen):
     del frozen
@@ -287,55 +284,42 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     removed = masks[scale][..., None]  # [B, 2, H, W, 1]
     masked = (x[:, None] * (1.0 - removed)).reshape((2 * b,) + x.shape[1:])
     target = jnp.repeat(x, 2, axis=0)  # row 2i+j: image i, mask j
-    g_state, d_state = state['g'], state['d']
+    g_step = state['g'].step
 
-    # One generator forward serves both updates: its pullback turns the G loss's gradients with
-    # respect to (reconstruction, z) into gradients for the generator weights.
-    (recon, z), gen_vjp = jax.vjp(lambda p: gen.apply({'params': p['generator']}, masked), g_state.params)
+    # One generator forward serves both updates (optim.paired_gan_update).
+    def generate(p):
+      return gen.apply({'params': p['generator']}, masked), {}
 
     # (1) Discriminator, generator fixed: real -> 1, both reconstructions -> 0.
-    fake = jax.lax.stop_gradient(recon)
-
-    def d_loss_fn(d_params):
+    def d_loss_fn(d_params, outputs):
+      fake, _ = outputs
       logits, _ = disc.apply({'params': d_params}, jnp.concatenate([x, fake]))
       real, fake_logits = logits[:b], logits[b:]
       loss = jnp.mean(optax.sigmoid_binary_cross_entropy(real, jnp.ones_like(real))) + jnp.mean(
         optax.sigmoid_binary_cross_entropy(fake_logits, jnp.zeros_like(fake_logits))
       )
-      return loss, (jnp.mean(jax.nn.sigmoid(real)), jnp.mean(jax.nn.sigmoid(fake_logits)))
+      return loss, (
+        {},
+        {'d_real': jnp.mean(jax.nn.sigmoid(real)), 'd_fake': jnp.mean(jax.nn.sigmoid(fake_logits))},
+      )
 
-    (d_loss, (d_real, d_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
-    d_state, d_norms = optim.apply_gradients(d_state, d_grads, prefix='d_')
-
-    # (2) Generator with the updated discriminator fixed (Eq. 5).
-    def g_loss_fn(g_params, recon, z):
+    # (2) Generator with the updated discriminator fixed (Eq. 5); the extra encoder is part of G.
+    def g_loss_fn(g_params, outputs, d_state):
+      recon, z = outputs
       z_hat, _ = enc.apply({'params': g_params['encoder']}, recon)
       _, feats = disc.apply({'params': d_state.params}, jnp.concatenate([x, recon]))
       real_f = jax.lax.stop_gradient(jnp.repeat(feats[:b], 2, axis=0))
       adv = jnp.mean(jnp.square(real_f - feats[b:]))
       enc_loss = jnp.mean(jnp.square(z - z_hat))
-      structure_weight = jnp.clip((g_state.step - start + 1) / max(end - start, 1), 0.0, 1.0)
+      structure_weight = jnp.clip((g_step - start + 1) / max(end - start, 1), 0.0, 1.0)
       con, parts = consistency_loss(target, recon, structure_weight)
       total = a_adv * adv + a_enc * enc_loss + a_con * con
       return total, {'adv': adv, 'enc': enc_loss, 'con': con, **parts}
 
-    (g_loss, parts), (g_direct, d_recon, d_z) = jax.value_and_grad(
-      g_loss_fn, argnums=(0, 1, 2), has_aux=True
-    )(g_state.params, recon, z)
-    (g_through,) = gen_vjp((d_recon, d_z))
-    g_grads = jax.tree.map(jnp.add, g_direct, g_through)
-    g_state, g_norms = optim.apply_gradients(g_state, g_grads, prefix='g_')
-    metrics = {
-      'loss': g_loss,
-      **parts,
-      'd_loss': d_loss,
-      'd_real': d_real,
-      'd_fake': d_fake,
-      'scale': jnp.mean(scale.astype(jnp.float32)),
-      **g_norms,
-      **d_norms,
-    }
-    return {'g': g_state, 'd': d_state}, metrics
+    g_state, d_state, metrics = optim.paired_gan_update(
+      state['g'], state['d'], generate, d_loss_fn, g_loss_fn
+    )
+    return {'g': g_state, 'd': d_state}, {**metrics, 'scale': jnp.mean(scale.astype(jnp.float32))}
 
   def reconstruct_scales(g_params, x):
     """x [B, H, W, C] -> merged reconstructions O_i [B, S, H, W, C] (Eq. 6)."""
@@ -355,14 +339,14 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     elif cfg.error == 'l2':
       errors = jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
     else:
-      raise ValueError(f"Unknown mvg.error {cfg.error!r}; expected 'l1' or 'l2'.")
+      raise ValueError(f"Unknown mask_vitgan.error {cfg.error!r}; expected 'l1' or 'l2'.")
     maps = layers.gaussian_blur(select_error_map(errors, cfg.select), cfg.smoothing_sigma)
     if cfg.image_score == 'max':
       scores = jnp.max(maps, axis=(1, 2))
     elif cfg.image_score == 'mean':
       scores = jnp.mean(maps, axis=(1, 2))
     else:
-      raise ValueError(f"Unknown mvg.image_score {cfg.image_score!r}; expected 'max' or 'mean'.")
+      raise ValueError(f"Unknown mask_vitgan.image_score {cfg.image_score!r}; expected 'max' or 'mean'.")
     return maps, scores
 
   return AnomalyModel(init=init, train_step=train_step, score=score)

@@ -1,17 +1,17 @@
 """Trivial baseline: per-pixel squared distance to the mean training image (image score = max).
 
-Anything that learns should beat it clearly; the README reports it beside every model.
+Anything that learns should beat it clearly; docs/models/mean_image.md reports it beside every model.
 """
 
 import jax.numpy as jnp
 import ml_collections
 
-from jaxad.models import AnomalyModel, layers
+from jaxad.models import AnomalyModel, ModelContext, layers
 
 
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  del total_steps  # Nothing to schedule: "training" accumulates the mean image.
-  sigma = config.mean_image.smoothing_sigma
+def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  del ctx  # Nothing to schedule: "training" accumulates the mean image.
+  sigma = cfg.smoothing_sigma
 
   def init(rng, batch, frozen):
     del rng, frozen

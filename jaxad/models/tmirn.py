@@ -1,8 +1,10 @@
-"""TMIRN: Transformer-based multi-scale reconstruction GAN (tmirn_infrared_multiscale_reconstruction.txt).
+"""TMIRN: Transformer-based multi-scale reconstruction GAN.
 
 Wei et al., "Transformer-based Multi-scale Reconstruction Network for Defect Detection of Infrared
-Images", IEEE TIM 73, 5037414, 2024. Sizes below are for an input of S = 224 (the paper's); every
-size scales with S (a multiple of 32) and every width with `base_width` (the paper's 32).
+Images", IEEE TIM 2024. Results and deviations: docs/models/tmirn.md.
+
+Sizes below are for an input of S = 224 (the paper's); every size scales with S (a multiple of 32) and
+every width with `base_width` (the paper's 32).
 
 * Multi-scale input (Sec. III-A): large S, medium S/2, small S/4 (bilinear resizes of the image).
 * MTFE (Sec. III-B, Eq. 1-8): per scale a stack of layers, each a residual conv block (two 3x3
@@ -42,8 +44,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax.training import train_state
 
-from jaxad import losses, models, optim
-from jaxad.models import AnomalyModel, layers
+from jaxad import losses, optim
+from jaxad.models import AnomalyModel, ModelContext, layers
 
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
@@ -465,20 +467,25 @@ def anomaly_map(images, recons, enc_f, dec_f, cfg: ml_collections.ConfigDict) ->
   return out
 
 
-def _nets(config: ml_collections.ConfigDict):
-  cfg = config.tmirn
-  dtype = models.compute_dtype(config.dtype)
+def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generator, Discriminator]:
+  """The generator and discriminator a config block describes (checked against the image size)."""
+  if ctx.image_size % 2**NUM_LEVELS:
+    raise ValueError(f'tmirn needs image_size divisible by {2**NUM_LEVELS}, got {ctx.image_size}')
+  if not 0 <= cfg.num_skips <= 3:
+    raise ValueError(f'tmirn.num_skips must be 0-3, got {cfg.num_skips}')
+  if len(cfg.scale_weights) != 3:
+    raise ValueError(f'tmirn.scale_weights needs 3 entries (large, medium, small): {cfg.scale_weights}')
   common = dict(
     head_dim=cfg.head_dim,
     pool_tokens=cfg.pool_tokens,
     mlp_ratio=cfg.mlp_ratio,
-    dtype=dtype,
+    dtype=ctx.dtype,
     use_maff=cfg.use_maff,
   )
   gen = Generator(
     base_width=cfg.base_width,
     vit_depth=cfg.vit_depth,
-    channels=config.dataset.channels,
+    channels=ctx.channels,
     num_skips=cfg.num_skips,
     latent_dim=cfg.latent_dim,
     **common,
@@ -487,24 +494,10 @@ def _nets(config: ml_collections.ConfigDict):
   return gen, disc
 
 
-def networks(config: ml_collections.ConfigDict) -> tuple[Generator, Discriminator]:
-  """The generator and discriminator a config describes (checked against the image size)."""
-  size = config.dataset.image_size
-  if size % 2**NUM_LEVELS:
-    raise ValueError(f'tmirn needs image_size divisible by {2**NUM_LEVELS}, got {size}')
-  cfg = config.tmirn
-  if not 0 <= cfg.num_skips <= 3:
-    raise ValueError(f'tmirn.num_skips must be 0-3, got {cfg.num_skips}')
-  if len(cfg.scale_weights) != 3:
-    raise ValueError(f'tmirn.scale_weights needs 3 entries (large, medium, small): {cfg.scale_weights}')
-  return _nets(config)
-
-
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  cfg = config.tmirn
-  gen, disc = networks(config)
-  g_tx = optim.make_optimizer(config.optimizer, total_steps)
-  d_tx = optim.make_optimizer(config.optimizer, total_steps)
+def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  gen, disc = networks(cfg, ctx)
+  g_tx = ctx.make_optimizer()
+  d_tx = ctx.make_optimizer()
   w_i, w_f, w_adv = (float(w) for w in cfg.loss_weights)
   real_label, fake_label = (float(v) for v in cfg.soft_labels)
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size)
@@ -529,20 +522,17 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
     real = multiscale(x)
     g_state, d_state = state['g'], state['d']
 
-    # One generator forward (train-mode BatchNorm) serves both updates; its pullback turns the G
-    # loss's gradients w.r.t. its outputs into gradients for the generator weights.
-    def g_forward(p):
+    # One generator forward (train-mode BatchNorm) serves both updates (optim.paired_gan_update).
+    def generate(p):
       out, upd = gen.apply(
         {'params': p, 'batch_stats': g_state.batch_stats}, x, train=True, mutable=['batch_stats']
       )
-      return out, upd['batch_stats']
-
-    (recon, enc_f, dec_f), g_vjp, g_stats = jax.vjp(g_forward, g_state.params, has_aux=True)
-    fake = jax.lax.stop_gradient(recon)
+      return out, {'batch_stats': upd['batch_stats']}
 
     # (1) Discriminator (Eq. 15-16), generator fixed. BatchNorm uses the real+fake batch statistics
     # and updates the running averages from it; the penalty pass uses its own batch statistics.
-    def d_loss_fn(p):
+    def d_loss_fn(p, outputs):
+      fake = outputs[0]
       both = jax.tree.map(lambda r, f: jnp.concatenate([r, f]), real, fake)
       scores, upd = disc.apply(
         {'params': p, 'batch_stats': d_state.batch_stats}, both, train=True, mutable=['batch_stats']
@@ -557,17 +547,15 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       gp = gradient_penalty(critic, real, fake, eps)
       loss = adv + cfg.gp_weight * gp
       return loss, (
-        upd['batch_stats'],
+        {'batch_stats': upd['batch_stats']},
         {'d_adv': adv, 'gp': gp, 'd_real': jnp.mean(d_real), 'd_fake': jnp.mean(d_fake)},
       )
 
-    (d_loss, (d_stats, d_parts)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(d_state.params)
-    d_state, d_norms = optim.apply_gradients(d_state, d_grads, prefix='d_')
-    d_state = d_state.replace(batch_stats=d_stats)
-
     # (2) Generator with the updated discriminator fixed (Eq. 17-20); D's BatchNorm in train mode,
-    # its running statistics left as the D step set them.
-    def g_loss_fn(recon, enc_f, dec_f):
+    # its running statistics left as the D step set them. The loss sees G only through its outputs.
+    def g_loss_fn(g_params, outputs, d_state):
+      del g_params
+      recon, enc_f, dec_f = outputs
       l_ssim = sum(losses.ssim_loss(a, b, **ssim_kwargs) for a, b in zip(real, recon))
       l_l2 = sum(distance(a, b) for a, b in zip(real, recon))
       l_i = l_ssim + l_l2  # Eq. 17
@@ -584,13 +572,7 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       loss = w_i * l_i + w_f * l_f + w_adv * l_adv  # Eq. 20
       return loss, {'l_i': l_i, 'ssim_loss': l_ssim, 'l2': l_l2, 'l_f': l_f, 'l_adv': l_adv}
 
-    (g_loss, g_parts), cotangents = jax.value_and_grad(g_loss_fn, argnums=(0, 1, 2), has_aux=True)(
-      recon, enc_f, dec_f
-    )
-    (g_grads,) = g_vjp(cotangents)
-    g_state, g_norms = optim.apply_gradients(g_state, g_grads, prefix='g_')
-    g_state = g_state.replace(batch_stats=g_stats)
-    metrics = {'loss': g_loss, **g_parts, 'd_loss': d_loss, **d_parts, **g_norms, **d_norms}
+    g_state, d_state, metrics = optim.paired_gan_update(g_state, d_state, generate, d_loss_fn, g_loss_fn)
     return {'g': g_state, 'd': d_state}, metrics
 
   def score(state, batch, frozen):
@@ -604,10 +586,10 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
   return AnomalyModel(init=init, train_step=train_step, score=score)
 
 
-def count_params(config: ml_collections.ConfigDict) -> dict[str, int]:
+def count_params(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> dict[str, int]:
   """Parameter counts of generator and discriminator from shapes only (no compute)."""
-  gen, disc = networks(config)
-  s, c = config.dataset.image_size, config.dataset.channels
+  gen, disc = networks(cfg, ctx)
+  s, c = ctx.image_size, ctx.channels
   x = jax.ShapeDtypeStruct((1, s, s, c), jnp.float32)
   g = jax.eval_shape(lambda x: gen.init(jax.random.key(0), x, train=False), x)
   d = jax.eval_shape(lambda x: disc.init(jax.random.key(0), multiscale(x), train=False), x)

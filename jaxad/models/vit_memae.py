@@ -1,6 +1,9 @@
 """ViT-Mem-CA: ViT autoencoder with a memory module and coordinate attention.
 
-Paper: vit_memory_coordinate_attention_ae.txt (Sensors 24, 2440, 2024). Pipeline (Fig. 2, Sec. 3):
+Yang and Guo, "An Unsupervised Method for Industrial Image Anomaly Detection with Vision
+Transformer-Based Autoencoder", Sensors 2024. Results and deviations: docs/models/vit_memae.md.
+
+Pipeline (Fig. 2, Sec. 3):
   X in [0, 1] -> scaled to [-1, 1] -> ViT encoder (patch embedding, [cls] token, learned position
   embedding E_pos in R^{(N+1) x D}, pre-norm blocks; Eq. 4-6) -> the N patch embeddings rearranged into
   a feature map F [H/P, W/P, D] (the [cls] output is dropped) -> memory module: every spatial feature z
@@ -18,14 +21,152 @@ Ablation (Table 6): config.vit_memae.use_memory / use_coord_attention (base, +M,
 """
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from jaxad import losses, models, optim
-from jaxad.models import AnomalyModel, layers
+from jaxad import losses, optim
+from jaxad.models import AnomalyModel, ModelContext, layers
+
+
+def hard_shrink(w: jax.Array, threshold: float, eps: float = 1e-12) -> jax.Array:
+  """MemAE hard shrinkage max(w - t, 0) * w / (|w - t| + eps): w where w > t, else 0 (continuous)."""
+  return jax.nn.relu(w - threshold) * w / (jnp.abs(w - threshold) + eps)
+
+
+class Memory(nn.Module):
+  """MemAE memory: N items of width C, addressed by each query's cosine similarity (Gong et al. 2019).
+
+  z [..., C] -> (z_hat [..., C], weights [..., N]): w = softmax(cos(z, m_i) / temperature),
+  hard-shrunk at `shrink_scale / N` and L1-renormalised, z_hat = w M. shrink_scale 0 disables it.
+  """
+
+  num_items: int
+  shrink_scale: float = 1.0
+  temperature: float = 1.0
+  eps: float = 1e-12
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    width = z.shape[-1]
+    bound = 1.0 / np.sqrt(width)
+    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)  # As MemAE.
+    items = self.param('items', init, (self.num_items, width))
+    return self.address(z.astype(jnp.float32), items)
+
+  def address(self, z: jax.Array, items: jax.Array) -> tuple[jax.Array, jax.Array]:
+    zn = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), self.eps)
+    mn = items / jnp.maximum(jnp.linalg.norm(items, axis=-1, keepdims=True), self.eps)
+    sim = jnp.einsum('...c,nc->...n', zn, mn, precision=jax.lax.Precision.HIGHEST)
+    w = jax.nn.softmax(sim / self.temperature, axis=-1)
+    if self.shrink_scale > 0:
+      w = hard_shrink(w, self.shrink_scale / self.num_items, self.eps)
+      w = w / jnp.maximum(jnp.sum(jnp.abs(w), axis=-1, keepdims=True), self.eps)
+    z_hat = jnp.einsum('...n,nc->...c', w, items, precision=jax.lax.Precision.HIGHEST)
+    return z_hat, w
+
+
+class CoordinateAttention(nn.Module):
+  """Coordinate attention (Hou et al., CVPR 2021) on [B, H, W, C]; the output has the input's shape.
+
+  Average pools along W and along H, a shared 1x1 conv + BatchNorm + non-linearity on their
+  concatenation, split, then per-direction 1x1 convs with sigmoid gates: y = x * g_h * g_w.
+  BatchNorm keeps running statistics in the 'batch_stats' collection (`train` picks batch stats).
+  """
+
+  reduction: int = 32
+  min_hidden: int = 8
+  activation: Callable[[jax.Array], jax.Array] = jax.nn.hard_swish
+  gate_bias_init: Callable = nn.initializers.zeros
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    _, h, w, c = x.shape
+    hidden = max(self.min_hidden, c // self.reduction)
+    pooled_h = jnp.mean(x, axis=2)  # [B, H, C]: average over W ("X Avg Pool" in Fig. 4).
+    pooled_w = jnp.mean(x, axis=1)  # [B, W, C]: average over H.
+    y = jnp.concatenate([pooled_h, pooled_w], axis=1)[:, :, None, :]  # [B, H + W, 1, C]
+    y = nn.Conv(hidden, (1, 1), dtype=self.dtype, name='conv_shared')(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name='bn')(
+      y
+    )
+    y = self.activation(y)
+    gate = lambda name, t: jax.nn.sigmoid(
+      nn.Conv(c, (1, 1), dtype=self.dtype, bias_init=self.gate_bias_init, name=name)(t)
+    )
+    g_h = gate('conv_h', y[:, :h])  # [B, H, 1, C]
+    g_w = gate('conv_w', y[:, h:]).transpose(0, 2, 1, 3)  # [B, 1, W, C]
+    return x * g_h.astype(x.dtype) * g_w.astype(x.dtype)
+
+
+def _transpose_phases(kernel_size: int, stride: int) -> list[tuple[int, int]]:
+  """For each output phase a of a 'SAME' transposed conv: (first tap t0, input offset d0).
+
+  lax.conv_transpose(x, k, s, 'SAME') gives y[s*p + a] = sum_t k[t] x[p + (a + t - pad) / s] over the
+  taps t with (a + t - pad) divisible by s (pad: lax's 'SAME' transpose padding), i.e. t = t0 + j*s
+  reading x[p + d0 + j]: every phase is a stride-1 correlation of x with the sub-kernel k[t0::s].
+  """
+  pad_len = kernel_size + stride - 2
+  pad = kernel_size - 1 if stride > kernel_size - 1 else int(np.ceil(pad_len / 2))
+  phases = []
+  for a in range(stride):
+    t0 = (pad - a) % stride
+    phases.append((t0, (a + t0 - pad) // stride))
+  return phases
+
+
+class SubpixelConvTranspose(nn.Module):
+  """`nn.ConvTranspose(features, (k, k), strides=(s, s), padding='SAME')`: same parameters, same output.
+
+  Computed as s*s stride-1 convolutions of the input with the phase sub-kernels k[ty::s, tx::s],
+  interleaved by depth-to-space, because XLA:CPU runs the input-dilated convolution of a strided
+  transposed conv (and its gradient) on a slow generic path: >10x faster on CPU for k=4, s=2.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k, s = self.kernel_size, self.stride
+    b, h, w, cin = x.shape
+    kernel = self.param('kernel', self.kernel_init, (k, k, cin, self.features))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    phases = _transpose_phases(k, s)
+    rows = []
+    for ty, dy in phases:
+      cols = []
+      for tx, dx in phases:
+        sub = kernel[ty::s, tx::s]
+        ny, nx = sub.shape[:2]
+        if ny == 0 or nx == 0:  # kernel_size < stride: this phase gets no tap.
+          cols.append(jnp.zeros((b, h, w, self.features), x.dtype))
+          continue
+        cols.append(
+          jax.lax.conv_general_dilated(
+            x,
+            sub,
+            (1, 1),
+            ((-dy, dy + ny - 1), (-dx, dx + nx - 1)),
+            dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          )
+        )
+      rows.append(jnp.stack(cols, axis=3))  # [B, H, W, s (x phase), F]
+    y = jnp.stack(rows, axis=2)  # [B, H, s (y phase), W, s, F]
+    y = y.reshape(b, h * s, w * s, self.features)
+    if self.use_bias:
+      y = y + self.param('bias', self.bias_init, (self.features,)).astype(y.dtype)
+    return y
 
 
 class ViTEncoder(nn.Module):
@@ -73,7 +214,7 @@ class Decoder(nn.Module):
     for i, (c, s) in enumerate(zip(self.channels, self.strides)):
       k = 4 if s == 2 else 3
       # = nn.ConvTranspose(c, (k, k), strides=(s, s), padding='SAME'), fast on CPU too.
-      x = layers.SubpixelConvTranspose(c, k, s, use_bias=False, dtype=self.dtype, name=f'deconv_{i}')(x)
+      x = SubpixelConvTranspose(c, k, s, use_bias=False, dtype=self.dtype, name=f'deconv_{i}')(x)
       x = nn.BatchNorm(
         use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f'bn_{i}'
       )(x)
@@ -117,20 +258,17 @@ class ViTMemAE(nn.Module):
     )(x)
     weights = None
     if self.use_memory:
-      f, weights = layers.Memory(self.num_memory, self.shrink_scale, self.memory_temperature, name='memory')(
-        f
-      )
+      f, weights = Memory(self.num_memory, self.shrink_scale, self.memory_temperature, name='memory')(f)
       f = f.astype(self.dtype)
     if self.use_coord_attention:
-      f = layers.CoordinateAttention(self.ca_reduction, dtype=self.dtype, name='coord_attention')(f, train)
+      f = CoordinateAttention(self.ca_reduction, dtype=self.dtype, name='coord_attention')(f, train)
     y = Decoder(
       tuple(self.decoder_channels), tuple(self.decoder_strides), self.out_channels, self.dtype, name='decoder'
     )(f, train)
     return (y + 1.0) / 2.0, weights
 
 
-def network(config: ml_collections.ConfigDict) -> ViTMemAE:
-  cfg = config.vit_memae
+def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> ViTMemAE:
   return ViTMemAE(
     patch_size=cfg.patch_size,
     width=cfg.width,
@@ -139,15 +277,15 @@ def network(config: ml_collections.ConfigDict) -> ViTMemAE:
     mlp_ratio=cfg.mlp_ratio,
     decoder_channels=tuple(cfg.decoder_channels),
     decoder_strides=tuple(cfg.decoder_strides),
-    out_channels=config.dataset.channels,
+    out_channels=ctx.channels,
     use_memory=cfg.use_memory,
     use_coord_attention=cfg.use_coord_attention,
     num_memory=cfg.num_memory,
     shrink_scale=cfg.shrink_scale,
     memory_temperature=cfg.memory_temperature,
     ca_reduction=cfg.ca_reduction,
-    dtype=models.compute_dtype(config.dtype),
-    attention_implementation=config.attention_implementation,
+    dtype=ctx.dtype,
+    attention_implementation=ctx.attention_implementation,
   )
 
 
@@ -166,9 +304,8 @@ def anomaly_maps(images: jax.Array, recon: jax.Array, cfg: ml_collections.Config
   return maps
 
 
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  cfg = config.vit_memae
-  image_size = config.dataset.image_size
+def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  image_size = ctx.image_size
   if image_size % cfg.patch_size:
     raise ValueError(f'image_size {image_size} is not a multiple of vit_memae.patch_size {cfg.patch_size}')
   strides = tuple(cfg.decoder_strides)
@@ -177,8 +314,8 @@ def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
       f'vit_memae.decoder_strides {strides} must have one entry per decoder stage '
       f'({len(cfg.decoder_channels)}) and multiply to patch_size {cfg.patch_size}'
     )
-  net = network(config)
-  tx = optim.make_optimizer(config.optimizer, total_steps)
+  net = network(cfg, ctx)
+  tx = ctx.make_optimizer()
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size, filter_sigma=cfg.ssim_sigma)
 
   def init(rng, batch, frozen):

@@ -224,10 +224,6 @@ _PIP_WEIGHTS = {
 }
 
 
-def register_pip_weights(arch: str, name: str, pip_name: str, package: str, pattern: str) -> None:
-  _PIP_WEIGHTS[(arch, name)] = (pip_name, package, pattern)
-
-
 def resolve_weights(arch: str, name: str) -> str:
   """Path of the weights called ``name`` (e.g. ``'imagenet'``) for ``arch``, offline."""
   tried = []
