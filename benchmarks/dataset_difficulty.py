@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from configs import sivt as sivt_config  # noqa: E402
-from jaxad import metrics, models  # noqa: E402
+from jaxad import metrics, train  # noqa: E402
 from jaxad.data import folder, synthetic  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def main():
   config = sivt_config.get_config()
   config.dataset.image_size = size
   config.sivt.feature_size = feature_size
-  sivt = models.build(config, total_steps=1)
+  sivt = train.build_model(config, total_steps=1)
   features = jax.jit(lambda images: sivt.precompute({'image': images}, sivt.frozen)['features'])
 
   def patches(samples):

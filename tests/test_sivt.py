@@ -7,7 +7,7 @@ from conftest import REALAD
 
 from configs import mean_image as mean_image_config
 from configs import sivt as sivt_config
-from jaxad import models, parallel, train
+from jaxad import parallel, train
 from jaxad.data import folder, pipeline
 
 
@@ -23,14 +23,14 @@ def _folder(config, root, **overrides):
 def test_paper_variant_asks_for_backbone_weights():
   config = sivt_config.get_config('paper')
   with pytest.raises(FileNotFoundError, match='jaxad.port --arch efficientnet_b4'):
-    models.build(config, total_steps=1)
+    train.build_model(config, total_steps=1)
 
 
 def test_paper_variant_has_the_papers_size():
   """The paper architecture (b4 features 32x32x272, 12+8 blocks of width 240), from shapes alone."""
   config = sivt_config.get_config('paper')
   config.backbone.weights = 'random'  # No b4 ImageNet weights exist offline.
-  model = models.build(config, total_steps=1)
+  model = train.build_model(config, total_steps=1)
   image = jax.ShapeDtypeStruct((1, 256, 256, 3), np.float32)
   state = jax.eval_shape(lambda x: model.init(jax.random.key(0), {'image': x}, model.frozen), image)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))

@@ -146,7 +146,7 @@ def test_sivt_bfloat16_keeps_fp32_state_and_scores_like_float32(tiny_dataset, tm
   test = [s for c in cats for s in pipeline.scan(config, root, c, 'test')]
   s16 = evaluate.score_samples(config, model16, state, frozen, test, mesh)
   config32 = tiny_sivt_config(tiny_dataset, **{'dtype': 'float32'})
-  model32 = models.build(config32, 1)
+  model32 = train.build_model(config32, 1)
   s32 = evaluate.score_samples(config32, model32, state, frozen, test, mesh)
   assert s16['maps'].dtype == np.float32
   diff = np.abs(s16['maps'] - s32['maps']).max()

@@ -10,7 +10,7 @@ import pytest
 from conftest import override
 
 from configs import tmirn as tmirn_config
-from jaxad import metrics, models, parallel, train
+from jaxad import metrics, parallel, train
 from jaxad.data import pipeline
 from jaxad.models import tmirn
 
@@ -39,7 +39,7 @@ def _tiny_config(**overrides):
 
 def test_paper_shapes_match_table1():
   config = tmirn_config.get_config('paper')
-  gen, disc = tmirn.networks(config.tmirn, models.context(config, 1))
+  gen, disc = tmirn.networks(config.tmirn, train.model_context(config, 1))
   x = jax.ShapeDtypeStruct((2, 224, 224, 3), jnp.float32)
   scales = jax.eval_shape(tmirn.multiscale, x)
   assert [s.shape[1] for s in scales] == [224, 112, 56]
@@ -68,7 +68,7 @@ def test_paper_shapes_match_table1():
   assert 'skip_5' in gv['params'] and 'skip_4' not in gv['params']  # One skip, deepest level.
   dv = jax.eval_shape(lambda s: disc.init(jax.random.key(0), s, train=False), scales)
   assert jax.eval_shape(lambda v, s: disc.apply(v, s, train=False), dv, scales).shape == (2,)
-  counts = tmirn.count_params(config.tmirn, models.context(config, 1))  # The paper: 84.9 M (Table II).
+  counts = tmirn.count_params(config.tmirn, train.model_context(config, 1))  # The paper: 84.9 M (Table II).
   assert 40e6 < counts['generator'] < 90e6 and 20e6 < counts['discriminator'] < 70e6
 
 
@@ -77,7 +77,7 @@ def test_skip_and_maff_switches(num_skips):
   config = tmirn_config.get_config()
   config.tmirn.num_skips = num_skips
   config.tmirn.use_maff = num_skips % 2 == 0
-  gen, _ = tmirn.networks(config.tmirn, models.context(config, 1))
+  gen, _ = tmirn.networks(config.tmirn, train.model_context(config, 1))
   x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
   params = jax.eval_shape(lambda x: gen.init(jax.random.key(0), x, train=False), x)['params']
   assert (
@@ -219,7 +219,7 @@ def _flat(tree):
 def test_one_gan_step_updates_both_networks_and_nothing_else():
   config = _tiny_config()
   x = {'image': jnp.asarray(np.random.default_rng(0).random((4, 64, 64, 3)), jnp.float32)}
-  model = models.build(config, 10)
+  model = train.build_model(config, 10)
   state = jax.jit(model.init)(jax.random.key(0), x, {})
   new, m = jax.jit(model.train_step)(state, x, jax.random.key(1), {})
   assert jax.tree.structure(new) == jax.tree.structure(state)
@@ -233,7 +233,7 @@ def test_one_gan_step_updates_both_networks_and_nothing_else():
     assert all(not np.array_equal(stats_b[k], stats_a[k]) for k in stats_b)
   # D is updated first, from the pre-update generator: its step does not depend on G's loss weights,
   # while G's does.
-  other = models.build(_tiny_config(**{'tmirn.loss_weights': (1.0, 0.0, 0.0)}), 10)
+  other = train.build_model(_tiny_config(**{'tmirn.loss_weights': (1.0, 0.0, 0.0)}), 10)
   new2, _ = jax.jit(other.train_step)(state, x, jax.random.key(1), {})
   for k, v in _flat(new['d'].params).items():
     np.testing.assert_allclose(_flat(new2['d'].params)[k], v, atol=1e-6, err_msg=k)

