@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = 'auto'
   # jax.nn.dot_product_attention implementation: None (XLA picks), 'xla' or 'cudnn' (head dim % 8 == 0).
   c.attention_implementation = ml_collections.config_dict.placeholder(str)
+  # A rerun on a workdir whose recorded training config or data (config.json) differ is refused;
+  # True continues it with the new settings (scoring and logging fields may always change).
+  c.allow_config_change = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = ''  # Module under jaxad/models/ that implements the model; its config block has its name.

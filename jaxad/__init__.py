@@ -4,6 +4,9 @@ import os
 
 __version__ = '0.1.0'
 
+# Exit code of a run stopped by SIGTERM/SIGINT after saving its checkpoint (EX_TEMPFAIL): rerun to resume.
+PREEMPTED_EXIT_CODE = 75
+
 
 def cache_root() -> str:
   """Where jaxad keeps generated data and compiled programs: $JAXAD_CACHE or ~/.cache/jaxad."""

@@ -1,14 +1,14 @@
 """Scores test splits and writes metrics.json, results.md and heatmap PNGs."""
 
-import json
 import os
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
-from jaxad import metrics, parallel
+from jaxad import metrics, parallel, writers
 from jaxad.data import pipeline
 
 METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
@@ -87,26 +87,50 @@ def mean_metrics(per_category: dict) -> dict:
   return {k: float(np.nanmean([m.get(k, np.nan) for m in per_category.values()])) for k in names}
 
 
-def write_results(workdir: str, per_category: dict, config: ml_collections.ConfigDict) -> dict:
-  """Writes metrics.json and results.md (per category and mean); returns the mean."""
+def write_results(
+  workdir: str, per_category: dict, config: ml_collections.ConfigDict, provenance: dict | None = None
+) -> dict:
+  """Writes metrics.json and results.md (per category and mean) atomically; returns the mean.
+
+  Undefined metrics (NaN/Inf, e.g. pixel metrics of a test split without defects) are null in
+  metrics.json, 'n/a' in results.md, and logged as a warning. `provenance`, if given, is stored in
+  metrics.json under 'provenance'.
+  """
   mean = mean_metrics(per_category)
   if jax.process_index() != 0:
     return mean
+  for name, m in [*((f'category {c}', m) for c, m in per_category.items()), ('mean over categories', mean)]:
+    if undefined := undefined_metrics(m):
+      logging.warning(
+        '%s: %s undefined (NaN/Inf), written as null in metrics.json', name, ', '.join(undefined)
+      )
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump({'model': config.model.name, 'categories': per_category, 'mean': mean}, f, indent=2)
+  writers.atomic_write_json(
+    os.path.join(workdir, 'metrics.json'),
+    {
+      'model': config.model.name,
+      'categories': per_category,
+      'mean': mean,
+      **({} if provenance is None else {'provenance': provenance}),
+    },
+  )
   rows = [
     f'| {c} | ' + ' | '.join(_pct(m.get(k)) for k in METRIC_NAMES) + ' |'
     for c, m in [*per_category.items(), ('**mean**', mean)]
   ]
   header = '| category | ' + ' | '.join(METRIC_NAMES) + ' |'
   table = '\n'.join([header, '|' + '---|' * (len(METRIC_NAMES) + 1), *rows])
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write(
-      f'# {config.model.name} on {config.dataset.name} ({config.dataset.root or "default"})\n\n'
-      f'{table}\n\nAll numbers in percent.\n'
-    )
+  writers.atomic_write_text(
+    os.path.join(workdir, 'results.md'),
+    f'# {config.model.name} on {config.dataset.name} ({config.dataset.root or "default"})\n\n'
+    f'{table}\n\nAll numbers in percent.\n',
+  )
   return mean
+
+
+def undefined_metrics(values: dict) -> list[str]:
+  """Names of the metrics in `values` that are NaN or Inf."""
+  return [k for k, v in values.items() if isinstance(v, (float, np.floating)) and not np.isfinite(v)]
 
 
 def _pct(value) -> str:

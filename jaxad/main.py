@@ -1,8 +1,9 @@
 """Entry point: python -m jaxad.main --config configs/sivt.py[:variant] --workdir DIR [--config.x=y].
 
-Re-running with the same workdir resumes from the latest checkpoint. Compiled programs are kept in
-JAX's persistent compilation cache, so a rerun, a resume or another seed loads them instead of
-compiling them again.
+Re-running with the same workdir resumes from the latest checkpoint. A run stopped by SIGTERM/SIGINT
+saves a checkpoint and exits with jaxad.PREEMPTED_EXIT_CODE (75). Compiled programs are kept in JAX's
+persistent compilation cache, so a rerun, a resume or another seed loads them instead of compiling
+them again.
 """
 
 import logging as std_logging
@@ -80,12 +81,19 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   _enable_compilation_cache(jax)
   logging.info('JAX process %d/%d, devices: %s', jax.process_index(), jax.process_count(), jax.devices())
+  return run(_CONFIG.value, _WORKDIR.value)
+
+
+def run(config, workdir: str) -> int:
+  """Trains and evaluates; the process exit code: 0, or PREEMPTED_EXIT_CODE after a clean stop."""
   from jaxad import train
 
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(config, workdir)
   except train.Preempted as e:
     logging.warning('Stopped cleanly: %s', e)
+    return jaxad.PREEMPTED_EXIT_CODE  # "Requeue me": jaxad.sweep and the launch scripts rerun it.
+  return 0
 
 
 if __name__ == '__main__':

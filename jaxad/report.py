@@ -1,26 +1,26 @@
 """Aggregates a sweep: python -m jaxad.report SWEEP_DIR [--metric image_auroc].
 
 Reads `<SWEEP_DIR>/sweep.json` (written by jaxad.sweep) and every finished run's metrics.json (the mean
-over categories), and writes report.md, report.csv (mean and sample std, ddof=1, over seeds per point)
-and report.png (the main metric against the first swept field, one line per value of the others).
+over categories; an unreadable one is skipped with a warning, a null metric counts as NaN), and writes
+report.md, report.csv (mean and sample std, ddof=1, over seeds per point) and report.png (the main
+metric against the first swept field, one line per value of the others).
 """
 
 import csv
-import json
 import os
+import sys
 
 import numpy as np
 from absl import app, flags
 
-from jaxad import evaluate
+from jaxad import evaluate, writers
 
 _METRIC = flags.DEFINE_string('metric', 'image_auroc', 'Main metric: bold in the table, plotted.')
 
 
 def collect(sweep_dir: str) -> tuple[dict, list[dict]]:
   """(sweep.json, one row per point: fields, seeds found, and per-metric value lists over seeds)."""
-  with open(os.path.join(sweep_dir, 'sweep.json')) as f:
-    sweep = json.load(f)
+  sweep = writers.read_json(os.path.join(sweep_dir, 'sweep.json'))
   rows = {}
   for run in sweep['runs']:
     row = rows.setdefault(
@@ -29,11 +29,14 @@ def collect(sweep_dir: str) -> tuple[dict, list[dict]]:
     path = os.path.join(sweep_dir, run['dir'], 'metrics.json')
     if not os.path.exists(path):
       continue
-    with open(path) as f:
-      mean = json.load(f)['mean']
+    try:
+      mean = writers.read_metrics(path)['mean']
+    except ValueError as e:
+      print(f'Warning: skipping {e}', file=sys.stderr)
+      continue
     row['seeds'].append(run['seed'])
     for k, v in mean.items():
-      row['values'].setdefault(k, []).append(v)
+      row['values'].setdefault(k, []).append(float('nan') if v is None else v)
   return sweep, list(rows.values())
 
 
@@ -127,8 +130,7 @@ def report(sweep_dir: str, main_metric: str = 'image_auroc') -> str:
     f'# Sweep {sweep["sweep"]} over {sweep["config"]}\n\n{table}\n\nMean ± sample std (ddof=1) '
     f"over seeds, in percent; each run's value is its mean over categories.\n"
   )
-  with open(os.path.join(sweep_dir, 'report.md'), 'w') as f:
-    f.write(text)
+  writers.atomic_write_text(os.path.join(sweep_dir, 'report.md'), text)
   write_csv(os.path.join(sweep_dir, 'report.csv'), fields, rows, metrics)
   plot(os.path.join(sweep_dir, 'report.png'), fields, rows, main_metric)
   return text

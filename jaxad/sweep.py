@@ -3,24 +3,31 @@
 A sweep file defines `get_sweep(arg=None) -> list[dict]`: one dict of config overrides (dotted field ->
 value) per point, usually `grid({...})` over a few fields. Every point runs once per seed, each in its
 own workdir `<workdir>/<field=value,...>/seed_<s>` through `python -m jaxad.main`, so a rerun skips
-finished runs (metrics.json present) and resumes unfinished ones from their checkpoints.
+finished runs (a readable metrics.json with a 'mean') and resumes unfinished ones from their checkpoints.
 
 Executors: `local` runs them here (`--parallel N` at a time), `print` prints one command per pending
-run, `slurm` writes `<workdir>/sweep.sbatch`, an array job with one task per pending run.
+run, `slurm` writes `<workdir>/sweep.sbatch`, an array job with one task per pending run. A run that
+exits with `jaxad.PREEMPTED_EXIT_CODE` (stopped by a signal, checkpoint saved) is rerun to resume:
+`local` reruns it up to --max_resumes times, the Slurm array task requeues itself. A sweep that gets
+SIGTERM/SIGINT itself passes it on to its runs, starts nothing more and exits with that code too.
 `python -m jaxad.report <workdir>` then aggregates the metrics (mean +/- std over seeds).
 """
 
 import concurrent.futures
 import importlib.util
 import itertools
-import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 
 from absl import app, flags
+
+import jaxad
+from jaxad import writers
 
 _CONFIG = flags.DEFINE_string('config', None, 'Model config file, optionally with :arg (as jaxad.main).')
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/*.py), optionally with :arg.')
@@ -28,6 +35,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; default runs/s
 _SEEDS = flags.DEFINE_integer('seeds', 1, 'Runs per point, with config.seed = 0 .. seeds-1.')
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', ['local', 'print', 'slurm'], 'Where runs go.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at the same time.')
+_MAX_RESUMES = flags.DEFINE_integer(
+  'max_resumes', 3, 'local: reruns of a run that exits preempted (checkpoint saved), each resuming.'
+)
 _OVERRIDE = flags.DEFINE_multi_string(
   'override', [], 'field=value applied to every point (e.g. dataset.root=/data/mvtec).'
 )
@@ -111,25 +121,128 @@ def plan(config_arg: str, points: list[dict], seeds: int, workdir: str, base: di
 
 
 def finished(run: dict) -> bool:
-  return os.path.exists(os.path.join(run['workdir'], 'metrics.json'))
+  """Whether `run` has a complete metrics.json (readable, valid JSON with a 'mean' dict)."""
+  try:
+    writers.read_metrics(os.path.join(run['workdir'], 'metrics.json'))
+  except ValueError:
+    return False
+  return True
 
 
-def _run_local(run: dict) -> int:
-  os.makedirs(run['workdir'], exist_ok=True)
-  with open(os.path.join(run['workdir'], 'output.log'), 'a') as log:
-    return subprocess.run([sys.executable, *run['args']], stdout=log, stderr=subprocess.STDOUT).returncode
+class LocalExecutor:
+  """Runs sweep runs here as `python <args>` subprocesses, each logging to <workdir>/output.log.
+
+  A run that exits with `jaxad.PREEMPTED_EXIT_CODE` is rerun (resuming from its checkpoint) up to
+  `max_resumes` times. After `stop(signum)` (the sweep itself got SIGTERM/SIGINT) the signal is passed
+  on to the running runs and nothing is started or rerun.
+  """
+
+  def __init__(self, max_resumes: int = 3, command: tuple[str, ...] = (sys.executable,)):
+    self.max_resumes = max_resumes
+    self.command = list(command)
+    self.stopped = threading.Event()
+    self._lock = threading.RLock()  # stop() runs in a signal handler and may interrupt itself.
+    self._procs = set()
+
+  def stop(self, signum: int):
+    self.stopped.set()
+    with self._lock:
+      for proc in self._procs:
+        proc.send_signal(signum)
+
+  def _start(self, run: dict, log) -> subprocess.Popen | None:
+    with self._lock:
+      if self.stopped.is_set():
+        return None
+      proc = subprocess.Popen([*self.command, *run['args']], stdout=log, stderr=subprocess.STDOUT)
+      self._procs.add(proc)
+      return proc
+
+  def __call__(self, run: dict) -> int | None:
+    """Runs `run` to its end; its last exit code, or None if the sweep stopped before it started."""
+    os.makedirs(run['workdir'], exist_ok=True)
+    code = None
+    with open(os.path.join(run['workdir'], 'output.log'), 'a') as log:
+      for attempt in range(self.max_resumes + 1):
+        proc = self._start(run, log)
+        if proc is None:
+          return code
+        code = proc.wait()
+        with self._lock:
+          self._procs.discard(proc)
+        if code != jaxad.PREEMPTED_EXIT_CODE or self.stopped.is_set() or attempt == self.max_resumes:
+          return code
+        log.write(f'[jaxad.sweep] Preempted (exit {code}); resuming ({attempt + 1} of {self.max_resumes}).\n')
+        log.flush()
+    return code
+
+  def run_all(self, runs: list[dict], parallel: int) -> list[int | None]:
+    """Runs `runs`, `parallel` at a time; their exit codes (None: not started)."""
+    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+      return list(pool.map(self, runs))
+
+
+def run_local(runs: list[dict], parallel: int, max_resumes: int) -> None:
+  """Runs `runs` here with a `LocalExecutor`; lists the unfinished ones and exits if there are any.
+
+  SIGTERM/SIGINT sent to the sweep (main thread) are passed on to its runs, which save a checkpoint
+  and stop. The exit code is `jaxad.PREEMPTED_EXIT_CODE` if every unfinished run was preempted or not
+  started (rerun the sweep to resume), else 1.
+  """
+  executor = LocalExecutor(max_resumes)
+  handlers = {}
+  if threading.current_thread() is threading.main_thread():
+    for s in (signal.SIGTERM, signal.SIGINT):
+      handlers[s] = signal.signal(s, lambda signum, _: executor.stop(signum))
+  try:
+    codes = executor.run_all(runs, parallel)
+  finally:
+    for s, handler in handlers.items():
+      signal.signal(s, handler)
+  unfinished = [(r, c) for r, c in zip(runs, codes) if not finished(r)]
+  if not unfinished:
+    return
+  preempted = jaxad.PREEMPTED_EXIT_CODE
+  reasons = {
+    None: 'not started (the sweep was stopped)',
+    preempted: f'preempted (exit {preempted}), checkpoint saved'
+    + ('' if executor.stopped.is_set() else f'; still preempted after {max_resumes} resumes'),
+    0: 'exit 0 without a complete metrics.json',
+  }
+  print(
+    f'{len(unfinished)} of {len(runs)} runs did not finish (see output.log in each):\n'
+    + '\n'.join(f'  {r["workdir"]}: {reasons.get(c, f"exit {c}")}' for r, c in unfinished),
+    file=sys.stderr,
+  )
+  if all(c in (None, preempted) for _, c in unfinished):
+    print('Rerun the sweep to resume them.', file=sys.stderr)
+    raise SystemExit(preempted)
+  raise SystemExit(1)
 
 
 def slurm_script(runs: list[dict], workdir: str, options: list[str]) -> str:
+  """An array job with one task per run; a task whose run exits preempted requeues itself."""
   commands = '\n'.join('  ' + shlex.quote(shlex.join(['python', *r['args']])) for r in runs)
   directives = '\n'.join(f'#SBATCH {o}' for o in options)
+  code = jaxad.PREEMPTED_EXIT_CODE
   return (
     f'#!/bin/bash\n#SBATCH --job-name=jaxad-sweep\n#SBATCH --array=0-{len(runs) - 1}\n'
     f'#SBATCH --chdir={os.getcwd()}\n#SBATCH --output={os.path.abspath(workdir)}/slurm-%A_%a.out\n'
+    f'#SBATCH --open-mode=append\n#SBATCH --requeue\n'
     f'{directives}\n'
-    f'# One task per pending run of the sweep (written by python -m jaxad.sweep).\n'
+    f'# One task per pending run of the sweep (written by python -m jaxad.sweep). A run that exits with\n'
+    f'# {code} (stopped by a signal, checkpoint saved) is requeued and resumes.\n'
     f'set -euo pipefail\nCOMMANDS=(\n{commands}\n)\n'
-    f'eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}"\n'
+    f'trap \'echo "jaxad-sweep: got SIGTERM, waiting for the run to save its checkpoint" >&2\' TERM\n'
+    f'status=0\n'
+    f'eval "${{COMMANDS[$SLURM_ARRAY_TASK_ID]}}" || status=$?\n'
+    f'if (( status == {code} )); then\n'
+    f'  echo "jaxad-sweep: preempted (exit {code}, checkpoint saved); requeueing'
+    f' ${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}" >&2\n'
+    f'  scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"\n'
+    f'  exit 0\n'
+    f'fi\n'
+    f'exit "$status"\n'
   )
 
 
@@ -148,27 +261,25 @@ def main(argv):
   )
   runs = plan(_CONFIG.value, points, _SEEDS.value, workdir, base)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
-    json.dump(
-      {
-        'config': _CONFIG.value,
-        'sweep': _SWEEP.value,
-        'seeds': _SEEDS.value,
-        'base': base,
-        'fields': list(dict.fromkeys(k for p in points for k in p)),
-        'runs': [
-          {
-            'point': r['point'],
-            'overrides': r['overrides'],
-            'seed': r['seed'],
-            'dir': os.path.relpath(r['workdir'], workdir),
-          }
-          for r in runs
-        ],
-      },
-      f,
-      indent=2,
-    )
+  writers.atomic_write_json(
+    os.path.join(workdir, 'sweep.json'),
+    {
+      'config': _CONFIG.value,
+      'sweep': _SWEEP.value,
+      'seeds': _SEEDS.value,
+      'base': base,
+      'fields': list(dict.fromkeys(k for p in points for k in p)),
+      'runs': [
+        {
+          'point': r['point'],
+          'overrides': r['overrides'],
+          'seed': r['seed'],
+          'dir': os.path.relpath(r['workdir'], workdir),
+        }
+        for r in runs
+      ],
+    },
+  )
   pending = [r for r in runs if not finished(r)]
   print(
     f'{len(runs)} runs ({len(points)} points x {_SEEDS.value} seeds), {len(runs) - len(pending)} '
@@ -182,15 +293,10 @@ def main(argv):
       print(shlex.join(['python', *r['args']]))
   elif _EXECUTOR.value == 'slurm':
     path = os.path.join(workdir, 'sweep.sbatch')
-    with open(path, 'w') as f:
-      f.write(slurm_script(pending, workdir, _SBATCH.value))
+    writers.atomic_write_text(path, slurm_script(pending, workdir, _SBATCH.value))
     print(f'Wrote {path}; submit with: sbatch {path}')
   else:
-    with concurrent.futures.ThreadPoolExecutor(_PARALLEL.value) as pool:
-      codes = list(pool.map(_run_local, pending))
-    failed = [r['workdir'] for r, c in zip(pending, codes) if c != 0 or not finished(r)]
-    if failed:  # Failed, or stopped by a signal with a checkpoint (rerun the sweep to resume).
-      raise SystemExit(f'{len(failed)} runs did not finish (see output.log in each): {failed}')
+    run_local(pending, _PARALLEL.value, _MAX_RESUMES.value)
     print(f'All {len(runs)} runs finished in {workdir}', file=sys.stderr)
 
 

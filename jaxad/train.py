@@ -1,9 +1,14 @@
 """The one training harness for every jaxad model: data, sharded jitted steps, logging, checkpoints."""
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import json
 import os
+import shutil
 import signal
+import socket
 import threading
 import time
 from typing import Any
@@ -21,8 +26,8 @@ from clu import parameter_overview
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from jaxad import evaluate, models, parallel, writers
-from jaxad.data import pipeline
+from jaxad import evaluate, models, parallel, provenance, writers
+from jaxad.data import folder, pipeline
 
 # Keys of input batches the models never train on.
 _EVAL_ONLY_KEYS = ('label', 'mask', 'index')
@@ -253,17 +258,84 @@ def setup(config: ml_collections.ConfigDict, source, mesh) -> Run:
   return Run(model, frozen, source, iterator, state, schedule, steps, train_key, mesh)
 
 
+class CheckpointError(RuntimeError):
+  """No checkpoint of the workdir can be restored."""
+
+
 def restore_latest(mngr: ocp.CheckpointManager, run: Run) -> None:
-  """Replaces `run.state` and the iterator position by the latest checkpoint's, if there is one."""
-  latest = mngr.latest_step()
-  if latest is None:
-    return
+  """Replaces `run.state` and the iterator position by the newest intact checkpoint's, if any.
+
+  A checkpoint that fails to restore is moved to `<workdir>/checkpoints_damaged/<step>` (nothing is
+  deleted) with a warning, and the next older one is tried.
+  """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, run.state)
-  args = ocp.args.Composite(
-    state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.iterator)
-  )
-  run.state = mngr.restore(latest, args=args).state
-  logging.info('Resumed from step %d in %s', latest, mngr.directory)
+  damaged = []
+  for step in sorted(mngr.all_steps(), reverse=True):
+    args = ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.iterator)
+    )
+    try:
+      run.state = mngr.restore(step, args=args).state
+    except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
+      reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
+      logging.warning(
+        'Checkpoint step %d in %s cannot be restored (%s); trying an older one.', step, mngr.directory, reason
+      )
+      damaged.append((step, reason))
+      continue
+    if damaged:
+      _set_aside(mngr, [s for s, _ in damaged])
+      logging.warning(
+        'Resumed from step %d; damaged steps %s moved to %s.',
+        step,
+        [s for s, _ in damaged],
+        _damaged_dir(mngr),
+      )
+    else:
+      logging.info('Resumed from step %d in %s', step, mngr.directory)
+    return
+  if damaged:
+    tried = '; '.join(f'step {s}: {r}' for s, r in damaged)
+    raise CheckpointError(
+      f'No checkpoint in {mngr.directory} can be restored ({tried}). Move that folder away to train '
+      'from the start, or use a new --workdir.'
+    )
+
+
+def _damaged_dir(mngr: ocp.CheckpointManager) -> str:
+  return os.path.join(os.path.dirname(str(mngr.directory)), 'checkpoints_damaged')
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves damaged step folders out of the manager's directory (process 0) so new saves can reuse them."""
+  if jax.process_index() == 0:
+    for step in steps:
+      target = os.path.join(_damaged_dir(mngr), str(step))
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      if os.path.exists(target):
+        target = f'{target}.{time.strftime("%Y%m%d-%H%M%S")}'
+      shutil.move(os.path.join(str(mngr.directory), str(step)), target)
+  mngr.reload()
+
+
+def drop_log_after(workdir: str, step: int) -> None:
+  """Removes the log.jsonl lines after `step`, which a resumed run writes again (process 0)."""
+  path = os.path.join(workdir, 'log.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if _logged_step(line) <= step]
+  if len(kept) != len(lines):
+    writers.atomic_write_text(path, ''.join(kept))
+
+
+def _logged_step(line: str) -> float:
+  """The step of a log line; infinity for a torn or foreign line (a killed run's last write)."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return float('inf')
 
 
 def save(mngr: ocp.CheckpointManager, run: Run, step: int) -> None:
@@ -343,18 +415,30 @@ def train(
   run = setup(config, pipeline.image_source(config, train_samples), mesh)
   mngr = checkpoint_manager(workdir, config)
   restore_latest(mngr, run)
+  drop_log_after(workdir, int(run.state.step))
   writer = writers.MetricWriter(workdir)
-  try:
-    loop(config, run, mngr, writer, eval_fn, stop_after)
-  finally:
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+  # The handlers stay until the last checkpoint is on disk: a signal during that save waits for it.
+  with _StopSignals() as stop:
+    try:
+      loop(config, run, mngr, writer, stop, eval_fn, stop_after)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.close()
+  if stop.received is not None:
+    raise Preempted(
+      f'{stop.received} after step {int(run.state.step)}: checkpoint saved in {mngr.directory}; '
+      'rerun the same command to resume.'
+    )
   return run.model, run.state.model, run.frozen
 
 
-def loop(config, run: Run, mngr, writer, eval_fn=None, stop_after: int | None = None) -> None:
-  """The training steps from the run's current step on; logs, checkpoints and evaluates by `Cadence`."""
+def loop(config, run: Run, mngr, writer, stop, eval_fn=None, stop_after: int | None = None) -> None:
+  """The training steps from the run's current step on; logs, checkpoints and evaluates by `Cadence`.
+
+  `stop` (a `_StopSignals`) records SIGTERM/SIGINT: the loop then saves a checkpoint and raises
+  Preempted.
+  """
   start, total = int(run.state.step), run.total
   end = total if stop_after is None else min(total, stop_after)
   steps_per_epoch = len(run.source) / config.batch_size
@@ -379,56 +463,123 @@ def loop(config, run: Run, mngr, writer, eval_fn=None, stop_after: int | None = 
   pending = None  # The previous step's metrics, checked while this step runs.
   pbar = tqdm(total=total, initial=start, desc=f'train {config.model.name}', disable=jax.process_index() != 0)
   try:
-    with _StopSignals() as stop:
-      for step in range(start, end):
-        metrics = run.step(step, run.next_batch())
-        if pending is not None:
-          check(step, pending)
-        pending, done = metrics, step + 1
-        preempted = stop.received is not None
-        if cadence.check(done, preempted):
-          check(done, pending)
-          pending = None
-        if cadence.log(done):
-          logged = scalars.write(done, done / steps_per_epoch, done in phase_ends)
-          pbar.set_postfix(loss=f'{logged["train/loss"]:.4g}', img_s=f'{logged["train/img_per_s"]:.1f}')
-        if cadence.checkpoint(done, preempted):
-          save(mngr, run, done)
-        if cadence.evaluate(done):
-          writer.write_scalars(done, eval_fn(run.model, run.state.model, run.frozen, done))
-        pbar.update(1)
-        if preempted:
-          mngr.wait_until_finished()
-          raise Preempted(
-            f'{stop.received} at step {done}: checkpoint saved in {mngr.directory}; '
-            'rerun the same command to resume.'
-          )
+    for step in range(start, end):
+      metrics = run.step(step, run.next_batch())
+      if pending is not None:
+        check(step, pending)
+      pending, done = metrics, step + 1
+      preempted = stop.received is not None
+      if cadence.check(done, preempted):
+        check(done, pending)
+        pending = None
+      if cadence.log(done):
+        logged = scalars.write(done, done / steps_per_epoch, done in phase_ends)
+        pbar.set_postfix(loss=f'{logged["train/loss"]:.4g}', img_s=f'{logged["train/img_per_s"]:.1f}')
+      if cadence.checkpoint(done, preempted):
+        save(mngr, run, done)
+      if cadence.evaluate(done):
+        writer.write_scalars(done, eval_fn(run.model, run.state.model, run.frozen, done))
+      pbar.update(1)
+      if preempted:
+        mngr.wait_until_finished()
+        raise Preempted(
+          f'{stop.received} at step {done}: checkpoint saved in {mngr.directory}; '
+          'rerun the same command to resume.'
+        )
   finally:
     pbar.close()
 
 
+class WorkdirLocked(RuntimeError):
+  """Another job is running in the workdir."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds `<workdir>/.lock` while a job runs in it: a second job on the workdir refuses at once.
+
+  Process 0 of a job takes the lock (an flock, released when the process ends, however it ends); the
+  other processes of the same job share the workdir under it.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, '.lock')
+  f = open(path, 'a+')
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or 'another process'
+    f.close()
+    raise WorkdirLocked(
+      f'{workdir} is in use by {holder}. Wait for that job to end, or use another --workdir.'
+    ) from None
+  try:
+    f.seek(0)
+    f.truncate()
+    f.write(f'pid {os.getpid()} on {socket.gethostname()} since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+    f.flush()
+    yield
+  finally:
+    fcntl.flock(f, fcntl.LOCK_UN)
+    f.close()
+
+
+def check_data(config: ml_collections.ConfigDict, *samples_by_category: dict) -> None:
+  """Opens every image and mask before training: unreadable files and mismatched masks stop the run."""
+  if config.dataset.name == 'tfds':
+    return  # Prepared records were checked when they were made.
+  samples = [s for by_cat in samples_by_category for v in by_cat.values() for s in v]
+  folder.check_samples(samples)
+
+
+def record_run(config: ml_collections.ConfigDict, workdir: str, train_by_category: dict) -> dict:
+  """Checks a rerun against `<workdir>/config.json` (provenance.check_rerun) and writes the record."""
+  record = provenance.record(config, train_by_category)
+  path = os.path.join(workdir, 'config.json')
+  changed = provenance.check_rerun(path, record, config)
+  if changed:
+    logging.warning('Continuing %s with changed settings (allow_config_change): %s', workdir, sorted(changed))
+  if (changed or not os.path.exists(path)) and jax.process_index() == 0:
+    writers.atomic_write_json(path, record)
+  return record
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains and evaluates as the config says; writes metrics.json, results.md and heatmaps/."""
+  """Trains and evaluates as the config says; writes config.json, metrics.json, results.md, heatmaps/.
+
+  Every check that can fail on the config or the data runs before the first step.
+  """
   evaluate.check_config(config)
   mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   root = pipeline.dataset_root(config)
   categories = pipeline.categories(config, root)
+  train_by_cat = {c: pipeline.scan(config, root, c, 'train') for c in categories}
+  test_by_cat = {c: pipeline.scan(config, root, c, 'test') for c in categories}
+  check_data(config, train_by_cat, test_by_cat)
   groups = {'': categories} if config.dataset.unified else {c: [c] for c in categories}
   results = {}
-  for name, cats in groups.items():
-    run_dir = os.path.join(workdir, name) if name else workdir
-    train_by_cat = {c: pipeline.scan(config, root, c, 'train') for c in cats}
-    train_samples = [s for c in cats for s in train_by_cat[c]]
-    test = {c: pipeline.scan(config, root, c, 'test') for c in cats}
-    logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
+  with workdir_lock(workdir):
+    record = record_run(config, workdir, train_by_cat)
+    for name, cats in groups.items():
+      run_dir = os.path.join(workdir, name) if name else workdir
+      group_train = {c: train_by_cat[c] for c in cats}
+      group_test = {c: test_by_cat[c] for c in cats}
+      train_samples = [s for c in cats for s in group_train[c]]
+      logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
 
-    def eval_fn(model, state, frozen, step, run_dir=run_dir, test=test, train_by_cat=train_by_cat):
-      per_cat = evaluate.evaluate(
-        config, model, state, frozen, test, mesh, os.path.join(run_dir, f'eval_step{step}'), train_by_cat
-      )
-      return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
+      def eval_fn(model, state, frozen, step, run_dir=run_dir, test=group_test, train_by_cat=group_train):
+        per_cat = evaluate.evaluate(
+          config, model, state, frozen, test, mesh, os.path.join(run_dir, f'eval_step{step}'), train_by_cat
+        )
+        return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
 
-    model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)
-    results.update(evaluate.evaluate(config, model, state, frozen, test, mesh, run_dir, train_by_cat))
-  evaluate.write_results(workdir, results, config)
+      model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)
+      results.update(evaluate.evaluate(config, model, state, frozen, group_test, mesh, run_dir, group_train))
+    provenance_now = {**record['environment'], 'seed': config.seed, 'data': record['data']}
+    evaluate.write_results(workdir, results, config, provenance=provenance_now)
   return results

@@ -55,7 +55,12 @@ case "$action" in
     [[ ${#args[@]} -gt 0 ]] || { echo "tpu_vm.sh run: pass jaxad.main arguments after --" >&2; exit 1; }
     cmd="cd ~/jaxad && python -m jaxad.main --distributed"
     for a in "${args[@]}"; do cmd+=" $(printf '%q' "$a")"; done
-    run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$cmd"
+    status=0
+    run "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command="$cmd" || status=$?
+    if (( status == 75 )); then  # jaxad.PREEMPTED_EXIT_CODE: stopped by a signal, checkpoint saved.
+      echo "tpu_vm.sh: preempted: rerun to resume (the same run command continues from the checkpoint)" >&2
+    fi
+    exit "$status"
     ;;
   delete)
     run "${tpu[@]}" delete "$name" "${where[@]}" --quiet

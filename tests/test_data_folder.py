@@ -1,5 +1,6 @@
 """Tests for jaxad.data.folder (MVTec-layout image folders)."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -43,13 +44,13 @@ def mvtec(tmp_path):
   gt = root / 'cat_a' / 'ground_truth'
   _save(te / 'good' / '000.png', Image.fromarray(_rgb(seed=10)))
   _save(te / 'scratch' / '000.png', Image.fromarray(_rgb(seed=11)))
-  _save(te / 'scratch' / '001.jpg', Image.fromarray(_rgb(seed=12)))
+  _save(te / 'scratch' / '001.jpg', Image.fromarray(_rgb(24, 32, seed=12)))
   _save(te / 'crack' / '000.png', Image.fromarray(_rgb(seed=13)))
   m = np.zeros((12, 16), np.uint8)
   m[2:6, 3:9] = 255
   _save(gt / 'scratch' / '000_mask.png', Image.fromarray(m))
   big = np.zeros((24, 32), np.uint8)
-  big[:12, :16] = 1  # nonzero but not 255
+  big[:12, :16] = 255
   _save(gt / 'scratch' / '001_mask.png', Image.fromarray(big))
   _save(gt / 'crack' / '000_mask.PNG', Image.fromarray(m))
   _save(root / 'cat_b' / 'train' / 'good' / '000.png', Image.fromarray(_rgb()))
@@ -175,7 +176,7 @@ def test_load_mask(mvtec):
   m = folder.load_mask(gt / '000_mask.png', (12, 16))
   assert m.dtype == np.uint8 and m.shape == (12, 16)
   assert set(np.unique(m)) == {0, 1} and m.sum() == 4 * 6
-  big = folder.load_mask(gt / '001_mask.png', (12, 16))  # value 1, twice the size
+  big = folder.load_mask(gt / '001_mask.png', (12, 16))  # twice the size
   assert set(np.unique(big)) == {0, 1} and big[:6, :8].all() and not big[6:].any()
   assert folder.load_mask(gt / '000_mask.png', 48).shape == (48, 48)
 
@@ -273,3 +274,146 @@ def test_real_magnetic_tile():
       empty_at_64 += not folder.load_mask(s.mask_path, 64).any()
   # NEAREST downsizing may drop a few-pixel defect; nearly all must survive.
   assert empty_at_64 <= 1
+
+
+def test_check_samples_accepts_the_fixture(mvtec):
+  samples = folder.scan_split(mvtec, 'cat_a', 'train') + folder.scan_split(mvtec, 'cat_a', 'test')
+  assert folder.check_samples(samples) == []
+  for s in samples:
+    image, mask = folder.load_pair(s.image_path, s.mask_path, (6, 8))
+    assert image.shape == (6, 8, 3) and mask.shape == (6, 8) and mask.dtype == np.uint8
+    np.testing.assert_array_equal(image, folder.load_image(s.image_path, (6, 8)))
+    if s.mask_path:
+      np.testing.assert_array_equal(mask, folder.load_mask(s.mask_path, (6, 8)))
+      np.testing.assert_array_equal(mask, folder.load_mask(s.mask_path, (6, 8), image_path=s.image_path))
+    else:
+      assert not mask.any()
+
+
+def test_mask_size_mismatch_names_both_files_and_sizes(mvtec):
+  gt = mvtec / 'cat_a' / 'ground_truth' / 'scratch'
+  m = np.zeros((12, 20), np.uint8)  # the image is 12x16 (HxW)
+  m[2:6, 3:9] = 255
+  mask = _save(gt / '000_mask.png', Image.fromarray(m))
+  image = str(mvtec / 'cat_a' / 'test' / 'scratch' / '000.png')
+  samples = folder.scan_split(mvtec, 'cat_a', 'test')
+  with pytest.raises(DatasetError) as e:
+    folder.check_samples(samples)
+  for text in (mask, image, '20x12', '16x12'):
+    assert text in str(e.value)
+  for load in (
+    lambda: folder.load_mask(mask, 8, image_path=image),
+    lambda: folder.load_pair(image, mask, 8),
+  ):
+    with pytest.raises(DatasetError) as e:
+      load()
+    for text in (mask, image, '20x12', '16x12'):
+      assert text in str(e.value)
+
+
+def test_unreadable_files_are_named_by_check_samples(mvtec):
+  te = mvtec / 'cat_a' / 'test'
+  data = (te / 'crack' / '000.png').read_bytes()
+  (te / 'crack' / '000.png').write_bytes(data[: len(data) // 2])
+  (mvtec / 'cat_a' / 'ground_truth' / 'scratch' / '000_mask.png').write_text('not a png')
+  with pytest.raises(DatasetError) as e:
+    folder.check_samples(folder.scan_split(mvtec, 'cat_a', 'test'))
+  assert str(te / 'crack' / '000.png') in str(e.value)
+  assert str(mvtec / 'cat_a' / 'ground_truth' / 'scratch' / '000_mask.png') in str(e.value)
+
+
+def test_exif_orientation_applies_to_images_and_masks(tmp_path):
+  upright = np.zeros((32, 48), np.uint8)
+  upright[:16, :24] = 255
+  stored = Image.fromarray(np.dstack([upright] * 3)).transpose(Image.Transpose.ROTATE_90)
+  exif = Image.Exif()
+  exif[0x0112] = 6  # Rotate 90 CW to display.
+  image = str(tmp_path / 'test' / 'bad' / '000.jpg')
+  os.makedirs(os.path.dirname(image))
+  stored.save(image, quality=95, exif=exif)
+  assert Image.open(image).size == (32, 48)
+  mask = _save(tmp_path / 'mask.png', Image.fromarray(upright))
+  x = folder.load_image(image, (32, 48))
+  m = folder.load_mask(mask, (32, 48))
+  np.testing.assert_array_equal(x.mean(-1) > 0.5, m.astype(bool))
+  np.testing.assert_array_equal(folder.load_mask(mask, (32, 48), image_path=image), m)
+  assert folder.check_samples([folder.Sample(image, 'c', 'bad', 1, mask)]) == []
+  x2, m2 = folder.load_pair(image, mask, (32, 48))
+  np.testing.assert_array_equal(x2, x)
+  np.testing.assert_array_equal(m2, m)
+  # A rotated mask is turned upright too.
+  rotated_mask = str(tmp_path / 'mask_rotated.png')
+  Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(rotated_mask, exif=exif)
+  np.testing.assert_array_equal(folder.load_mask(rotated_mask, (32, 48), image_path=image), m)
+
+
+def test_mask_binarised_at_half_the_maximum(tmp_path):
+  defect = np.zeros((16, 24), bool)
+  defect[5:13, 3:11] = True  # across JPEG block edges: ringing on both sides
+  noise = np.random.default_rng(0).integers(1, 21, defect.shape)
+  cases = {
+    'noisy.png': Image.fromarray(np.where(defect, 255, noise).astype(np.uint8)),
+    'edge.png': Image.fromarray(np.where(defect, 128, 127).astype(np.uint8)),
+    'rgb.png': Image.fromarray(np.dstack([noise, np.where(defect, 200, noise), noise]).astype(np.uint8)),
+    'palette.png': Image.fromarray(np.where(defect, 255, noise).astype(np.uint8)).convert('P'),
+    'sixteen.png': Image.fromarray(np.where(defect, 32768, 32767).astype(np.uint16)),
+    'float.tif': Image.fromarray(np.where(defect, 0.5, 0.49).astype(np.float32)),
+    'bits.png': Image.fromarray(defect),
+    'lossy.jpg': Image.fromarray(np.where(defect, 255, 0).astype(np.uint8)),  # saved at quality 75
+  }
+  for name, im in cases.items():
+    path = _save(tmp_path / name, im)
+    if name == 'lossy.jpg':
+      raw = np.asarray(Image.open(path))
+      assert (raw[~defect] > 0).any() and raw[~defect].max() < 128 <= raw[defect].min()
+    np.testing.assert_array_equal(folder.load_mask(path, (16, 24)), defect, err_msg=name)
+  # 0/255 masks are read exactly as before: every nonzero pixel is defect.
+  exact = np.where(defect, 255, 0).astype(np.uint8)
+  path = _save(tmp_path / 'exact.png', Image.fromarray(exact))
+  np.testing.assert_array_equal(folder.load_mask(path, (16, 24)), exact != 0)
+  np.testing.assert_array_equal(
+    folder.load_mask(path, (7, 5)), np.array(Image.fromarray(exact != 0).resize((5, 7), Image.NEAREST))
+  )
+
+
+def test_empty_defect_mask_is_warned_about(mvtec, caplog):
+  gt = mvtec / 'cat_a' / 'ground_truth'
+  _save(gt / 'crack' / '000_mask.PNG', Image.fromarray(np.zeros((12, 16), np.uint8)))
+  faint = np.zeros((12, 16), np.uint8)
+  faint[2:6, 3:9] = 40  # Below the threshold of 128: nothing is defect.
+  _save(gt / 'scratch' / '000_mask.png', Image.fromarray(faint))
+  with caplog.at_level(logging.WARNING):
+    warnings = folder.check_samples(folder.scan_split(mvtec, 'cat_a', 'test'))
+  assert len(warnings) == 2
+  assert str(gt / 'crack' / '000_mask.PNG') in warnings[0] and 'all zero' in warnings[0]
+  assert str(gt / 'scratch' / '000_mask.png') in warnings[1] and 'max value 40' in warnings[1]
+  assert str(gt / 'crack' / '000_mask.PNG') in caplog.text
+  assert str(gt / 'scratch' / '000_mask.png') in caplog.text
+  ones = np.zeros((12, 16), np.uint8)
+  ones[2:6, 3:9] = 1  # A 0/1 label mask: its 1s are defect.
+  _save(gt / 'scratch' / '000_mask.png', Image.fromarray(ones))
+  np.testing.assert_array_equal(folder.load_mask(str(gt / 'scratch' / '000_mask.png'), (12, 16)), ones)
+  assert len(folder.check_samples(folder.scan_split(mvtec, 'cat_a', 'test'))) == 1
+
+
+def test_dangling_symlink_is_an_error(mvtec):
+  link = mvtec / 'cat_a' / 'train' / 'good' / '009.png'
+  os.symlink(mvtec / 'gone.png', link)
+  with pytest.raises(DatasetError, match='009.png.*dangling'):
+    folder.scan_split(mvtec, 'cat_a', 'train')
+  mask = mvtec / 'cat_a' / 'ground_truth' / 'crack' / '000_mask.PNG'
+  os.remove(mask)
+  os.symlink(mvtec / 'gone.png', mask)
+  with pytest.raises(DatasetError, match='000_mask.PNG.*dangling'):
+    folder.scan_split(mvtec, 'cat_a', 'test')
+  os.symlink(mvtec / 'gone', mvtec / 'cat_a' / 'test' / 'hole')
+  with pytest.raises(DatasetError, match='hole.*dangling'):
+    folder.scan_split(mvtec, 'cat_a', 'test')
+
+
+def test_folder_without_train_is_warned_about(mvtec, caplog):
+  (mvtec / 'license.txt').write_text('files are not categories')
+  with caplog.at_level(logging.WARNING):
+    assert folder.resolve_categories(mvtec, 'all') == ['cat_a', 'cat_b']
+  assert str(mvtec / 'not_a_category') in caplog.text and 'train' in caplog.text
+  assert 'license.txt' not in caplog.text

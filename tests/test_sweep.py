@@ -69,15 +69,18 @@ def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
   assert again.returncode == 0 and '8 finished, 0 to run' in again.stderr, again.stderr[-3000:]
   assert [p.stat().st_mtime_ns for p in runs] == stamps
 
-  # An unfinished run (no metrics.json) is resumed from its checkpoint, not retrained.
-  unfinished = runs[0]
+  # Unfinished runs (no metrics.json, or one cut short) are resumed from their checkpoints, not retrained.
+  unfinished, truncated = runs[0], runs[1]
   unfinished.unlink()
+  truncated.write_text(truncated.read_text()[:40])
   printed = subprocess.run([*cmd, '--executor', 'print'], capture_output=True, text=True, cwd=REPO)
-  assert printed.stdout.count('jaxad.main') == 1 and str(unfinished.parent) in printed.stdout
+  assert printed.stdout.count('jaxad.main') == 2, printed.stdout
+  assert str(unfinished.parent) in printed.stdout and str(truncated.parent) in printed.stdout
   resumed = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert 'Resumed from step 3' in (unfinished.parent / 'output.log').read_text()
-  assert unfinished.exists()
+  assert resumed.returncode == 0 and '6 finished, 2 to run' in resumed.stderr, resumed.stderr[-3000:]
+  for path in (unfinished, truncated):
+    assert 'Resumed from step 3' in (path.parent / 'output.log').read_text()
+    assert 'mean' in json.loads(path.read_text())
 
   report = subprocess.run(
     [sys.executable, '-m', 'jaxad.report', str(workdir)],
@@ -105,6 +108,47 @@ def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
   assert max(stds) > 0  # Seeds change the flips, so the report has real spread to check.
   assert '| mean_image.smoothing_sigma | augment.hflip | seeds |' in report.stdout
   assert Image.open(workdir / 'report.png').size[0] > 300
+
+
+def _fake_sweep(workdir, metrics_texts: list[str]):
+  """A sweep.json over one point with one seed per metrics.json text (None: the run has none)."""
+  runs = [
+    {'point': 'a=1', 'overrides': {'a': 1}, 'seed': s, 'dir': f'a=1/seed_{s}'}
+    for s in range(len(metrics_texts))
+  ]
+  (workdir / 'sweep.json').write_text(
+    json.dumps({'config': 'c.py', 'sweep': 's.py', 'seeds': len(runs), 'fields': ['a'], 'runs': runs})
+  )
+  for run, text in zip(runs, metrics_texts):
+    (workdir / run['dir']).mkdir(parents=True)
+    if text is not None:
+      (workdir / run['dir'] / 'metrics.json').write_text(text)
+
+
+def test_report_skips_unreadable_metrics(tmp_path, capsys):
+  from jaxad import report
+
+  good = {'mean': {'image_auroc': 0.5, 'pixel_auroc': None}}
+  _fake_sweep(tmp_path, [json.dumps(good), json.dumps(good)[:20], '', json.dumps({'model': 'x'}), None])
+  text = report.report(str(tmp_path))
+  err = capsys.readouterr().err
+  for seed in (1, 2, 3):
+    assert f'Warning: skipping {tmp_path}/a=1/seed_{seed}/metrics.json: unreadable' in err
+  assert 'seed_0' not in err and 'seed_4' not in err
+  assert '| 1 | 1 | 50.0 | n/a |' in text
+  with open(tmp_path / 'report.csv') as f:
+    (row,) = csv.DictReader(f)
+  assert row['num_seeds'] == '1' and float(row['image_auroc_mean']) == 0.5
+
+
+def test_sweep_treats_incomplete_metrics_as_unfinished(tmp_path):
+  run = {'workdir': str(tmp_path)}
+  assert not sweep.finished(run)
+  for text in ['', '{"model": "x", "mean": {"image_au', '{"model": "x"}', 'null']:
+    (tmp_path / 'metrics.json').write_text(text)
+    assert not sweep.finished(run), text
+  (tmp_path / 'metrics.json').write_text('{"mean": {"image_auroc": NaN}}')  # Written before null was used.
+  assert sweep.finished(run)
 
 
 def test_grid_and_point_names():

@@ -79,10 +79,9 @@ class ImageSource:
 
   def __getitem__(self, index):
     s = self.samples[index]
-    size = self.image_size
-    mask = folder.load_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.uint8)
+    image, mask = folder.load_pair(s.image_path, s.mask_path, self.image_size, self.channels)
     return {
-      'image': folder.load_image(s.image_path, size, self.channels),
+      'image': image,
       'label': np.int32(s.label),
       'mask': mask,
       'index': np.int32(index),

@@ -98,8 +98,8 @@ class MVTecLayout(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, samples):
     size, channels = self.builder_config.image_size, self.builder_config.channels
     for i, s in enumerate(samples):
-      image = np.round(folder.load_image(s.image_path, size, channels) * 255).astype(np.uint8)
-      mask = folder.load_mask(s.mask_path, size) if s.mask_path else np.zeros((size, size), np.uint8)
+      image, mask = folder.load_pair(s.image_path, s.mask_path, size, channels)
+      image = np.round(image * 255).astype(np.uint8)
       yield (
         i,
         {

@@ -41,6 +41,10 @@ from flax.training import train_state
 from jaxad import losses, optim
 from jaxad.models import AnomalyModel, ModelContext, layers, tome
 
+# Config fields of the `mask_vitgan` block that only change scoring: a finished run may be rescored with
+# other values (jaxad.provenance).
+SCORING_FIELDS = ('error', 'select', 'smoothing_sigma', 'image_score')
+
 
 def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
   """[S, 2, H, W] float32 masks, 1 = removed: per scale an n x n block checkerboard and its complement."""

@@ -8,6 +8,10 @@ import ml_collections
 
 from jaxad.models import AnomalyModel, ModelContext, layers
 
+# Config fields of the `mean_image` block that only change scoring: a finished run may be rescored with
+# other values (jaxad.provenance).
+SCORING_FIELDS = ('smoothing_sigma',)
+
 
 def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   del ctx  # Nothing to schedule: "training" accumulates the mean image.

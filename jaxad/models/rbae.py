@@ -35,6 +35,10 @@ import optax
 from jaxad import losses
 from jaxad.models import AnomalyModel, ModelContext, layers
 
+# Config fields of the `rbae` block that only change scoring: a finished run may be rescored with
+# other values (jaxad.provenance).
+SCORING_FIELDS = ('score', 'smoothing_sigma', 'map_weights')
+
 PHASES = ('reconstruct', 'repair')
 
 

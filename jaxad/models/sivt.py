@@ -19,6 +19,10 @@ from flax.training import train_state
 from jaxad import optim
 from jaxad.models import AnomalyModel, ModelContext, layers
 
+# Config fields of the `sivt` block that only change scoring: a finished run may be rescored with
+# other values (jaxad.provenance).
+SCORING_FIELDS = ('smoothing_sigma', 'test_partition_seed', 'test_partitions')
+
 
 class SelfInductionViT(nn.Module):
   """Reconstructs features F [B, H, W, C] given a partition of the L tokens into N subsets."""

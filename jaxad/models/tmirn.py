@@ -47,6 +47,10 @@ from flax.training import train_state
 from jaxad import losses, optim
 from jaxad.models import AnomalyModel, ModelContext, layers
 
+# Config fields of the `tmirn` block that only change scoring: a finished run may be rescored with
+# other values (jaxad.provenance).
+SCORING_FIELDS = ('scale_weights', 'score_parts', 'smooth_kernels', 'image_smoothing_sigma')
+
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
 LEAKY_SLOPE = 0.2

@@ -32,6 +32,10 @@ import numpy as np
 from jaxad import losses, optim
 from jaxad.models import AnomalyModel, ModelContext, layers
 
+# Config fields of the `vit_memae` block that only change scoring: a finished run may be rescored with
+# other values (jaxad.provenance).
+SCORING_FIELDS = ('map_ssim_weight', 'smoothing_sigma')
+
 
 def hard_shrink(w: jax.Array, threshold: float, eps: float = 1e-12) -> jax.Array:
   """MemAE hard shrinkage max(w - t, 0) * w / (|w - t| + eps): w where w > t, else 0 (continuous)."""
