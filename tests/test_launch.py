@@ -3,6 +3,7 @@
 import os
 import shlex
 import subprocess
+import sys
 
 from conftest import REPO
 
@@ -123,7 +124,7 @@ def test_slurm_dry_run_wires_jax_distributed(tmp_path):
 def test_sweep_writes_a_slurm_array(tmp_path):
   out = subprocess.run(
     [
-      'python',
+      sys.executable,
       '-m',
       'jaxad.sweep',
       '--config',
