@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, override, tiny_folder_config, tiny_sivt_config
 
 import jaxad
-from jaxad import main, parallel, provenance, train
+from jaxad import parallel, provenance, train
 from jaxad.data import folder, pipeline
 
 
@@ -132,14 +132,23 @@ def test_sigterm_during_the_final_save_keeps_the_checkpoint(tiny_dataset, tmp_pa
   assert int(state['count']) == 48  # Restored at the end: nothing retrained.
 
 
-def test_a_preempted_run_exits_with_the_requeue_code(monkeypatch):
-  def preempted(config, workdir):
-    raise train.Preempted('SIGTERM at step 3')
-
-  monkeypatch.setattr(train, 'train_and_evaluate', preempted)
-  assert main.run(None, 'unused') == jaxad.PREEMPTED_EXIT_CODE == 75
-  monkeypatch.setattr(train, 'train_and_evaluate', lambda config, workdir: {})
-  assert main.run(None, 'unused') == 0
+def test_a_preempted_run_exits_with_the_requeue_code(tmp_path):
+  """`python -m jaxad.main` exits 75 when training stops on a signal (a stub stands in for training)."""
+  script = (
+    'import sys\n'
+    'from absl import app\n'
+    'from jaxad import main, train\n'
+    'def preempted(config, workdir):\n'
+    '  raise train.Preempted("SIGTERM at step 3")\n'
+    'train.train_and_evaluate = preempted\n'
+    'sys.argv = ["jaxad.main", "--config=configs/mean_image.py", "--workdir=" + sys.argv[1]]\n'
+    'app.run(main.main)\n'
+  )
+  done = subprocess.run(
+    [sys.executable, '-c', script, str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert done.returncode == jaxad.PREEMPTED_EXIT_CODE == 75, done.stderr[-2000:]
+  assert 'Stopped cleanly: SIGTERM at step 3' in done.stderr
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tiny_dataset, tmp_path):
