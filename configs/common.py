@@ -72,6 +72,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.synthetic_size = 256  # Native resolution of the generated synthetic dataset.
   c.dataset.synthetic_seed = 0  # Seed of the generated synthetic dataset (independent of `seed`).
 
+  # Calibration at the end of training (jaxad/calibration.py): image-score normalisation and the image
+  # and pixel thresholds that jaxad.predict and jaxad.export use, per category.
+  c.calibration = ml_collections.ConfigDict()
+  c.calibration.holdout = (
+    0.0  # Seeded fraction of train/good held out for calibration; 0: the training images.
+  )
+  c.calibration.rule = 'normal_quantile'  # Image threshold: 'normal_quantile', 'f1_max' or 'manual'.
+  c.calibration.false_positive_rate = 0.05  # normal_quantile: target share of normal images flagged.
+  c.calibration.pixel_rule = 'normal_quantile'  # Pixel threshold of predicted masks, same rules.
+  c.calibration.pixel_false_positive_rate = 0.01  # normal_quantile: target share of normal pixels flagged.
+  c.calibration.labelled_root = ''  # f1_max: MVTec-layout folder whose <category>/test is labelled.
+  c.calibration.manual_threshold = 0.0  # manual: the image threshold, in raw score units.
+  c.calibration.manual_pixel_threshold = 0.0  # manual: the pixel threshold, in map units.
+
   c.augment = ml_collections.ConfigDict()
   c.augment.hflip = False  # Random horizontal flip.
   c.augment.vflip = False  # Random vertical flip.

@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxad import metrics, parallel, writers
+from jaxad import calibration, metrics, parallel, writers
 from jaxad.data import pipeline
 
 METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
@@ -29,9 +29,8 @@ def max_zscore(maps: np.ndarray, normal_maps: np.ndarray, std_floor: float = 0.1
   so that pixels that hardly vary in training cannot dominate. On roughly aligned images, regions a
   model always reconstructs badly then stop deciding the image score.
   """
-  mean, std = normal_maps.mean(0), normal_maps.std(0)
-  std = np.maximum(std, std_floor * std.mean())
-  return ((maps - mean) / std).reshape(len(maps), -1).max(1)
+  mean, std = calibration.zscore_stats(normal_maps, std_floor)
+  return calibration.zscore_max(maps, mean, std)
 
 
 def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) -> dict:
@@ -58,20 +57,24 @@ def evaluate(
   mesh,
   outdir: str,
   train_by_category: dict | None = None,
+  calibrations: dict | None = None,
 ) -> dict:
   """Per-category metrics of a trained model; heatmaps go to <outdir>/heatmaps/<category>/.
 
-  With `config.image_score == 'max_zscore'` the image scores come from `max_zscore` against the maps
-  of `train_by_category[category]`; the pixel maps stay the model's own.
+  With `config.image_score == 'max_zscore'` the image scores come from the z-score statistics of the
+  category's training maps: those stored in `calibrations[category]` (jaxad.calibration), else
+  computed from `train_by_category[category]`. The pixel maps stay the model's own.
   """
   check_config(config)
-  if config.image_score == 'max_zscore' and train_by_category is None:
-    raise ValueError("image_score='max_zscore' needs the training samples (train_by_category).")
+  if config.image_score == 'max_zscore' and train_by_category is None and calibrations is None:
+    raise ValueError("image_score='max_zscore' needs the training samples or the calibration.")
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   results = {}
   for category, samples in test_by_category.items():
     scored = score_samples(config, model, state, frozen, samples, mesh, score_fn)
-    if config.image_score == 'max_zscore':
+    if config.image_score == 'max_zscore' and calibrations is not None:
+      scored['scores'] = calibrations[category].image_scores(scored['maps'], scored['scores'])
+    elif config.image_score == 'max_zscore':
       normal = score_samples(config, model, state, frozen, train_by_category[category], mesh, score_fn)
       scored['scores'] = max_zscore(scored['maps'], normal['maps'])
     results[category] = metrics.compute_all(
@@ -88,7 +91,11 @@ def mean_metrics(per_category: dict) -> dict:
 
 
 def write_results(
-  workdir: str, per_category: dict, config: ml_collections.ConfigDict, provenance: dict | None = None
+  workdir: str,
+  per_category: dict,
+  config: ml_collections.ConfigDict,
+  provenance: dict | None = None,
+  calibration_summary: dict | None = None,
 ) -> dict:
   """Writes metrics.json and results.md (per category and mean) atomically; returns the mean.
 
@@ -112,6 +119,7 @@ def write_results(
       'categories': per_category,
       'mean': mean,
       **({} if provenance is None else {'provenance': provenance}),
+      **({} if calibration_summary is None else {'calibration': calibration_summary}),
     },
   )
   rows = [
@@ -164,3 +172,73 @@ def write_heatmaps(outdir: str, samples, scored: dict, config):
     panel = heatmap_panel(source[i]['image'], scored['masks'][i], maps[i], vmin, vmax)
     stem = os.path.splitext(os.path.basename(s.image_path))[0]
     Image.fromarray(panel).save(os.path.join(outdir, f'{s.defect_type}_{stem}.png'))
+
+
+def evaluate_detector(detector, config: ml_collections.ConfigDict, output: str) -> dict:
+  """Scores the test split `config.dataset` names with a loaded detector; writes to `output` only.
+
+  The trained run (checkpoints, calibration, its metrics.json) is read, never written. Besides the
+  usual metrics, each category gets `accuracy_at_threshold`: the share of test images whose verdict at
+  the calibrated threshold matches their label.
+  """
+  root = pipeline.dataset_root(config)
+  categories = pipeline.categories(config, root)
+  results = {}
+  for category in categories:
+    trained = category if category in detector.categories else None
+    if trained is None and len(detector.categories) == 1:
+      trained = detector.categories[0]  # A new category layout for a one-category detector.
+    if trained is None:
+      raise ValueError(
+        f'Test category {category!r} is not one this detector was trained on ({detector.categories}).'
+      )
+    samples = pipeline.scan(config, root, category, 'test')
+    source = pipeline.image_source(config, samples)
+    images = np.stack([source[i]['image'] for i in range(len(source))])
+    labels = np.array([s.label for s in samples])
+    masks = np.stack([source[i]['mask'] for i in range(len(source))])
+    pred = detector.predict(images, category=trained)
+    results[category] = metrics.compute_all(pred.scores, labels, pred.maps, masks)
+    results[category]['accuracy_at_threshold'] = float(np.mean(pred.verdicts == (labels == 1)))
+    if config.num_heatmaps:
+      scored = {'maps': pred.maps, 'masks': masks}
+      write_heatmaps(os.path.join(output, 'heatmaps', category), samples, scored, config)
+  write_results(output, results, config)
+  return results
+
+
+def _cli():
+  """python -m jaxad.evaluate --workdir W [--output O] [--config.dataset.root=... --config.x=y]."""
+  import sys
+
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  from jaxad import detector as detector_lib
+
+  workdir = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir=')), None)
+  if workdir is None and '--workdir' in sys.argv[:-1]:
+    workdir = sys.argv[sys.argv.index('--workdir') + 1]
+  if workdir is None:
+    sys.exit('usage: python -m jaxad.evaluate --workdir W [--output O] [--config.dataset.root=...]')
+  flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
+  flags.DEFINE_string('output', None, 'Where to write (default <workdir>/evaluations/<dataset root name>).')
+  recorded = calibration.load_config_record(workdir)
+  config_flag = config_flags.DEFINE_config_dict('config', recorded, 'The run config; override the data.')
+
+  def main(argv):
+    del argv
+    config = config_flag.value
+    name = os.path.basename(os.path.normpath(config.dataset.root)) or config.dataset.name
+    output = flags.FLAGS.output or os.path.join(workdir, 'evaluations', name)
+    if os.path.abspath(output) == os.path.abspath(workdir):
+      raise app.UsageError('--output must not be the training workdir (its metrics.json would be replaced).')
+    detector = detector_lib.load(workdir)
+    mean = mean_metrics(evaluate_detector(detector, config, output))
+    logging.info('Wrote %s: %s', output, {k: round(v, 4) for k, v in mean.items()})
+
+  app.run(main)
+
+
+if __name__ == '__main__':
+  _cli()

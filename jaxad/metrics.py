@@ -279,6 +279,18 @@ def f1_max(scores, labels) -> float:
   return _image_ranked(scores, labels).f1_max()
 
 
+def f1_max_threshold(scores, labels) -> float:
+  """The score at which F1 (predicting positive at or above it) is largest, over the distinct scores."""
+  s = _as_scores(scores, 'scores')
+  y = _as_labels(labels, s.shape, 'labels').astype(np.int64)
+  order = np.argsort(-s, kind='stable')
+  s, y = s[order], y[order]
+  tp, fp = np.cumsum(y), np.cumsum(1 - y)
+  last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # The last index of each distinct score.
+  f1 = 2.0 * tp[last] / (tp[last] + fp[last] + y.sum())
+  return float(s[last[np.argmax(f1)]])
+
+
 def pixel_auroc(maps, masks) -> float:
   """ROC AUC over all pixels of ``maps`` [N,H,W] vs ``masks``; nan if a class is missing."""
   return _pixel_ranked(maps, masks, with_regions=False).auroc()

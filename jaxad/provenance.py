@@ -32,6 +32,13 @@ EVALUATION_FIELDS = (
   'dataset.num_workers',
   'dataset.prefetch',
   'dataset.tfds_dir',
+  'calibration.rule',
+  'calibration.false_positive_rate',
+  'calibration.pixel_rule',
+  'calibration.pixel_false_positive_rate',
+  'calibration.labelled_root',
+  'calibration.manual_threshold',
+  'calibration.manual_pixel_threshold',
 )
 
 _PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'grain', 'numpy')

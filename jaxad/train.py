@@ -26,7 +26,7 @@ from clu import parameter_overview
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from jaxad import evaluate, models, parallel, provenance, writers
+from jaxad import calibration, evaluate, models, parallel, provenance, writers
 from jaxad.data import folder, pipeline
 
 # Keys of input batches the models never train on.
@@ -547,6 +547,59 @@ def record_run(config: ml_collections.ConfigDict, workdir: str, train_by_categor
   return record
 
 
+def calibrate(
+  config, model, state, frozen, train_by_cat: dict, calib_by_cat: dict, mesh, run_dir: str
+) -> dict:
+  """Calibrates every category (jaxad.calibration) and saves it beside the checkpoints of `run_dir`.
+
+  The calibration images are `calib_by_cat[category]` (held out), else the training images.
+  """
+  cfg = config.calibration
+  score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
+  out = {}
+  for category, train_samples in train_by_cat.items():
+    held = calib_by_cat.get(category) or []
+    scored_train = evaluate.score_samples(config, model, state, frozen, train_samples, mesh, score_fn)
+    zscore = calibration.zscore_stats(scored_train['maps']) if config.image_score == 'max_zscore' else None
+    scored = (
+      evaluate.score_samples(config, model, state, frozen, held, mesh, score_fn) if held else scored_train
+    )
+
+    def raw_scores(s):
+      if zscore is None:
+        return np.asarray(s['scores'], np.float64)
+      return calibration.zscore_max(s['maps'], *zscore)
+
+    labelled = None
+    if 'f1_max' in (cfg.rule, cfg.pixel_rule):
+      if not cfg.labelled_root:
+        raise ValueError(
+          "calibration rule 'f1_max' needs calibration.labelled_root (an MVTec-layout folder)."
+        )
+      if config.dataset.name == 'tfds':
+        raise ValueError("calibration rule 'f1_max' reads an image folder; use dataset.name='folder'.")
+      ds = config.dataset
+      samples = folder.scan_split(
+        cfg.labelled_root, category, 'test', good_name=ds.good_name, mask_suffix=ds.mask_suffix
+      )
+      lab = evaluate.score_samples(config, model, state, frozen, samples, mesh, score_fn)
+      labelled = {'raw': raw_scores(lab), 'labels': lab['labels'], 'maps': lab['maps'], 'masks': lab['masks']}
+    calib = calibration.choose(
+      cfg,
+      category,
+      config.image_score,
+      scored['maps'],
+      raw_scores(scored),
+      'holdout' if held else 'train',
+      zscore,
+      labelled,
+    )
+    if jax.process_index() == 0:
+      calibration.save(run_dir, calib)
+    out[category] = calib
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates as the config says; writes config.json, metrics.json, results.md, heatmaps/.
 
@@ -565,9 +618,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   with workdir_lock(workdir):
     record = record_run(config, workdir, train_by_cat)
+    calibration_summary = {}
     for name, cats in groups.items():
       run_dir = os.path.join(workdir, name) if name else workdir
-      group_train = {c: train_by_cat[c] for c in cats}
+      split = {
+        c: calibration.holdout_split(train_by_cat[c], config.calibration.holdout, config.seed) for c in cats
+      }
+      group_train = {c: split[c][0] for c in cats}
+      group_calib = {c: split[c][1] for c in cats}
       group_test = {c: test_by_cat[c] for c in cats}
       train_samples = [s for c in cats for s in group_train[c]]
       logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
@@ -579,7 +637,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
 
       model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)
-      results.update(evaluate.evaluate(config, model, state, frozen, group_test, mesh, run_dir, group_train))
+      calibrations = calibrate(config, model, state, frozen, group_train, group_calib, mesh, run_dir)
+      calibration_summary.update({c: calibration.describe(k) for c, k in calibrations.items()})
+      results.update(
+        evaluate.evaluate(config, model, state, frozen, group_test, mesh, run_dir, group_train, calibrations)
+      )
     provenance_now = {**record['environment'], 'seed': config.seed, 'data': record['data']}
-    evaluate.write_results(workdir, results, config, provenance=provenance_now)
+    evaluate.write_results(workdir, results, config, provenance_now, calibration_summary)
   return results

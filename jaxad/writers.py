@@ -9,9 +9,14 @@ import numpy as np
 
 
 def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` so that readers see either the old file or the whole new one.
+  """Writes `text` (UTF-8) to `path` atomically: see `atomic_write_bytes`."""
+  atomic_write_bytes(path, text.encode('utf-8'))
 
-  The text goes to a temporary file in the same directory, is flushed and fsynced, and replaces `path`
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see either the old file or the whole new one.
+
+  The data goes to a temporary file in the same directory, is flushed and fsynced, and replaces `path`
   with `os.replace`. On any failure the temporary file is removed and `path` is left as it was.
 
   Raises:
@@ -24,8 +29,8 @@ def atomic_write_text(path: str, text: str) -> None:
   except OSError as e:
     raise OSError(f'Could not write {path}: {type(e).__name__}: {e}') from e
   try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
