@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, tiny_sivt_config
 from PIL import Image
 
+import jaxad
 from jaxad import parallel, train
 from jaxad.data import folder, pipeline
 
@@ -241,7 +242,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path
     while not (log.exists() and log.read_text().count('\n') >= 2) and time.time() < deadline:
       time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, err.read_text()[-3000:]
+    assert proc.wait(timeout=300) == jaxad.PREEMPTED_EXIT_CODE, err.read_text()[-3000:]
   assert 'Stopped cleanly: SIGTERM at step' in err.read_text()
   steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
   assert steps and max(steps) < 600  # 400 epochs of 24 images at batch 8 = 1200 steps.
