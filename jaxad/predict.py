@@ -1,0 +1,234 @@
+"""Scores new images with a trained, calibrated detector (docs/deploy.md).
+
+  python -m jaxad.predict --workdir W --input DIR|FILE|GLOB [--output O] [--category C] [--masks]
+
+Per image: raw score, normalised score (1 at the threshold), verdict, written to predictions.csv and
+predictions.jsonl; an overlay PNG (input | heatmap with the predicted-mask contour, verdict and score);
+with --masks a binary mask PNG at the input's size. A file that cannot be read is named, the others
+are still scored, and the exit code is 2.
+"""
+
+import csv
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from PIL import Image
+from tqdm.auto import tqdm
+
+from jaxad import writers
+from jaxad.data import folder
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
+_INPUT = flags.DEFINE_string('input', None, 'An image folder (searched recursively), a file or a glob.')
+_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (default <workdir>/predictions).')
+_CATEGORY = flags.DEFINE_string('category', None, 'Category to score as (needed for a unified model).')
+_MASKS = flags.DEFINE_bool('masks', False, 'Also write binary mask PNGs at the input size.')
+_OVERLAYS = flags.DEFINE_bool('overlays', True, 'Write overlay PNGs.')
+_BATCH = flags.DEFINE_integer('batch_size', None, 'Images per jitted batch (default config.eval_batch_size).')
+_LABELS = flags.DEFINE_bool(
+  'labels_from_folders', False, 'MVTec layout: images under a `good` folder are normal; report accuracy.'
+)
+FIELDS = ('path', 'category', 'score', 'normalised_score', 'verdict', 'error')
+
+
+def input_paths(spec: str) -> list[str]:
+  """The image files a folder (recursively), a file or a glob names, sorted."""
+  if os.path.isdir(spec):
+    found = [
+      os.path.join(r, f)
+      for r, _, fs in os.walk(spec)
+      for f in fs
+      if f.lower().endswith(folder.IMAGE_EXTENSIONS)
+    ]
+  elif os.path.exists(spec):
+    found = [spec]
+  else:
+    found = [p for p in glob.glob(spec, recursive=True) if os.path.isfile(p)]
+  if not found:
+    raise FileNotFoundError(f'No image files found at {spec!r}.')
+  return sorted(found)
+
+
+def category_of(path: str, categories: list[str], category: str | None) -> str:
+  """The category to score `path` as: the given one, the only one, or one named in the path."""
+  if category is not None or len(categories) == 1:
+    return category or categories[0]
+  named = [c for c in categories if c in os.path.normpath(path).split(os.sep)]
+  if len(named) != 1:
+    raise ValueError(f'{path}: cannot tell its category; pass --category (one of {categories}).')
+  return named[0]
+
+
+def _read(path: str, size: int, channels: int):
+  """(image for the model, original image as uint8 RGB, (W, H)) of one file; DatasetError if unreadable."""
+  image = folder.load_image(path, size, channels)
+  with Image.open(path) as im:
+    original = np.asarray(im.convert('RGB'))
+  return image, original
+
+
+def predict_paths(detector, paths: list[str], category: str | None = None, batch_size: int | None = None):
+  """Scores `paths` in batches; returns (rows, results) with results[path] = (original, map, mask).
+
+  A row per path with FIELDS; unreadable files get an 'error' and no score.
+  """
+  batch = batch_size or detector.config.eval_batch_size
+  rows, results, pending = [], {}, []
+
+  def flush():
+    by_category = {}
+    for item in pending:
+      by_category.setdefault(item[1], []).append(item)
+    for cat, items in by_category.items():
+      pred = detector.predict(np.stack([i[2] for i in items]), category=cat)
+      for k, (path, _, _, original) in enumerate(items):
+        rows.append(
+          {
+            'path': path,
+            'category': cat,
+            'score': float(pred.scores[k]),
+            'normalised_score': float(pred.normalised_scores[k]),
+            'verdict': 'anomalous' if pred.verdicts[k] else 'normal',
+            'error': '',
+          }
+        )
+        results[path] = (original, pred.maps[k], pred.masks[k])
+    pending.clear()
+
+  for path in tqdm(paths, desc='predict', unit='img'):
+    try:
+      cat = category_of(path, detector.categories, category)
+      image, original = _read(path, detector.image_size, detector.channels)
+    except (folder.DatasetError, OSError, ValueError) as e:
+      logging.error('%s: %s', path, e)
+      rows.append(
+        {
+          'path': path,
+          'category': '',
+          'score': None,
+          'normalised_score': None,
+          'verdict': '',
+          'error': str(e),
+        }
+      )
+      continue
+    pending.append((path, cat, image, original))
+    if len(pending) == batch:
+      flush()
+  flush()
+  order = {p: i for i, p in enumerate(paths)}
+  rows.sort(key=lambda r: order[r['path']])
+  return rows, results
+
+
+def _resized(a: np.ndarray, size_wh: tuple[int, int], resample) -> np.ndarray:
+  return np.asarray(Image.fromarray(a).resize(size_wh, resample))
+
+
+def overlay_png(original: np.ndarray, amap: np.ndarray, mask: np.ndarray, row: dict, vmax: float, path: str):
+  """Input | heatmap overlay with the predicted-mask contour, the verdict and score in the title."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  h, w = original.shape[:2]
+  big_map = _resized(amap.astype(np.float32), (w, h), Image.BILINEAR)
+  big_mask = _resized(mask.astype(np.uint8) * 255, (w, h), Image.NEAREST) > 127
+  fig, axes = plt.subplots(1, 2, figsize=(8, 4 * h / max(w, 1) + 0.6), dpi=100)
+  axes[0].imshow(original)
+  axes[0].set_title('input')
+  axes[1].imshow(original)
+  axes[1].imshow(big_map, cmap='jet', alpha=0.5, vmin=0.0, vmax=vmax)
+  if big_mask.any():
+    axes[1].contour(big_mask, levels=[0.5], colors='white', linewidths=1.0)
+  colour = 'red' if row['verdict'] == 'anomalous' else 'green'
+  axes[1].set_title(f'{row["verdict"]}  score {row["normalised_score"]:.2f}', color=colour)
+  for ax in axes:
+    ax.axis('off')
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def _unique_stem(path: str, used: set) -> str:
+  stem = os.path.splitext(os.path.basename(path))[0]
+  parent = os.path.basename(os.path.dirname(path))
+  name, k = stem, 1
+  while name in used:  # Same stem in different folders: prefix the folder, then number.
+    name = f'{parent}_{stem}' if k == 1 else f'{parent}_{stem}_{k}'
+    k += 1
+  used.add(name)
+  return name
+
+
+def write_outputs(output: str, rows: list[dict], results: dict, detector, overlays: bool, masks: bool):
+  """predictions.csv, predictions.jsonl, overlays/ and masks/ in `output`."""
+  os.makedirs(output, exist_ok=True)
+  with open(os.path.join(output, 'predictions.csv'), 'w', newline='') as f:
+    w = csv.DictWriter(f, FIELDS)
+    w.writeheader()
+    w.writerows(rows)
+  writers.atomic_write_text(
+    os.path.join(output, 'predictions.jsonl'), ''.join(writers.dumps_json(r, indent=None) for r in rows)
+  )
+  used = set()
+  for row in rows:
+    if row['error']:
+      continue
+    original, amap, mask = results[row['path']]
+    stem = _unique_stem(row['path'], used)
+    if overlays:
+      vmax = detector.calibrations[row['category']].pixel_threshold * 2.0
+      os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
+      overlay_png(original, amap, mask, row, vmax, os.path.join(output, 'overlays', f'{stem}.png'))
+    if masks:
+      h, w = original.shape[:2]
+      os.makedirs(os.path.join(output, 'masks'), exist_ok=True)
+      big = _resized(mask.astype(np.uint8) * 255, (w, h), Image.NEAREST)
+      Image.fromarray(big).save(os.path.join(output, 'masks', f'{stem}_mask.png'))
+
+
+def folder_label_summary(rows: list[dict], good_name: str = 'good') -> dict:
+  """Verdict accuracy, precision and recall against MVTec-layout folders (`good` = normal)."""
+  scored = [r for r in rows if not r['error']]
+  truth = np.array([os.path.basename(os.path.dirname(r['path'])) != good_name for r in scored])
+  said = np.array([r['verdict'] == 'anomalous' for r in scored])
+  tp = int(np.sum(truth & said))
+  return {
+    'images': len(scored),
+    'accuracy': float(np.mean(truth == said)) if scored else float('nan'),
+    'precision': tp / max(int(said.sum()), 1),
+    'recall': tp / max(int(truth.sum()), 1),
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import jaxad
+
+  detector = jaxad.load(_WORKDIR.value)
+  paths = input_paths(_INPUT.value)
+  output = _OUTPUT.value or os.path.join(_WORKDIR.value, 'predictions')
+  rows, results = predict_paths(detector, paths, _CATEGORY.value, _BATCH.value)
+  write_outputs(output, rows, results, detector, _OVERLAYS.value, _MASKS.value)
+  failed = [r['path'] for r in rows if r['error']]
+  print(f'{len(rows) - len(failed)} of {len(rows)} images scored; {output}/predictions.csv')
+  if _LABELS.value:
+    summary = folder_label_summary(rows, detector.config.dataset.good_name)
+    writers.atomic_write_json(os.path.join(output, 'summary.json'), summary)
+    print(json.dumps(summary))
+  if failed:
+    print(f'{len(failed)} file(s) could not be read: ' + ', '.join(failed), file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['workdir', 'input'])
+  app.run(main)

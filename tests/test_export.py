@@ -1,0 +1,105 @@
+"""python -m jaxad.export: artifacts that reproduce the checkpoint, and load without jaxad."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import override, tiny_folder_config, tiny_sivt_config
+
+import jaxad
+from jaxad import export, train
+
+
+def _mean_image(root):
+  from configs import mean_image
+
+  return override(tiny_folder_config(mean_image.get_config(), root), num_heatmaps=0, image_score='max_zscore')
+
+
+def _mask_vitgan(root):
+  from configs import mask_vitgan
+
+  c = tiny_folder_config(mask_vitgan.get_config(), root)
+  return override(
+    c,
+    num_epochs=1,
+    num_heatmaps=0,
+    **{
+      'mask_vitgan.depth': 1,
+      'mask_vitgan.width': 32,
+      'mask_vitgan.latent_dim': 16,
+      'mask_vitgan.disc_depth': 1,
+      'mask_vitgan.disc_width': 32,
+      'mask_vitgan.disc_feature_dim': 16,
+    },
+  )
+
+
+CONFIGS = {
+  'mean_image': _mean_image,
+  'sivt': lambda root: tiny_sivt_config(root, num_heatmaps=0, **{'dataset.unified': False}),
+  'mask_vitgan': _mask_vitgan,
+}
+
+
+@pytest.fixture(scope='module')
+def detectors(tiny_dataset, tmp_path_factory):
+  out = {}
+  for name, make in CONFIGS.items():
+    workdir = tmp_path_factory.mktemp(f'export_{name}')
+    train.train_and_evaluate(make(tiny_dataset), str(workdir))
+    out[name] = jaxad.load(str(workdir))
+  return out
+
+
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_stablehlo_artifact_reproduces_the_checkpoint_and_loads_with_jax_alone(name, detectors, tmp_path):
+  detector = detectors[name]
+  category = detector.categories[0]
+  path = str(tmp_path / f'{name}.stablehlo')
+  report = export.export(detector, category, 'stablehlo', path, count=4)
+  assert report['passed'] and report['images'] == 4
+  assert json.loads(open(path + '.parity.json').read()) == report
+  images = export.parity_images(detector, category, 5)
+  want = detector.predict(images.astype(np.float32) / 255.0, category=category)
+  script = (
+    'import sys, numpy as np, jax\n'
+    'exported = jax.export.deserialize(bytearray(open(sys.argv[1], "rb").read()))\n'
+    'x = np.load(sys.argv[2])\n'
+    'for n in (2, 5):\n'  # The batch dimension is symbolic.
+    '  out = exported.call(x[:n])\n'
+    '  np.save(f"{sys.argv[2]}.{n}.npy", np.asarray(out["score"]))\n'
+    'print(sorted(m for m in sys.modules if m.startswith("jaxad")))\n'
+  )
+  np.save(tmp_path / 'x.npy', images)
+  done = subprocess.run(
+    [sys.executable, '-c', script, path, str(tmp_path / 'x.npy')],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.strip().splitlines()[-1] == '[]'  # Nothing of jaxad was imported.
+  for n in (2, 5):
+    np.testing.assert_allclose(np.load(tmp_path / f'x.npy.{n}.npy'), want.scores[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_artifact_reproduces_the_checkpoint(detectors, tmp_path):
+  pytest.importorskip('jax2onnx', reason='jax2onnx is not installed (see jaxad/export.py)')
+  detector = detectors['mean_image']
+  report = export.export(detector, detector.categories[0], 'onnx', str(tmp_path / 'm.onnx'), count=4)
+  assert report['passed']
+
+
+def test_a_parity_failure_is_an_error(detectors, tmp_path):
+  detector = detectors['mean_image']
+  category = detector.categories[0]
+  images = export.parity_images(detector, category, 2)
+  reference = export.uint8_function(detector, category)
+  shifted = lambda x: [np.asarray(reference(x)[k]) + (0.01 if k == 'score' else 0.0) for k in export.OUTPUTS]
+  with pytest.raises(export.ParityError, match='differs'):
+    export.parity(detector, category, shifted, images, str(tmp_path / 'bad'), 'stablehlo')
+  assert json.loads((tmp_path / 'bad.parity.json').read_text())['passed'] is False
