@@ -24,12 +24,6 @@ from jaxad.data import pipeline
 OUTPUTS = ('anomalous', 'map', 'mask', 'normalised_score', 'score')  # Sorted keys: the flattened order.
 TOLERANCE = 1e-4
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
-_CATEGORY = flags.DEFINE_string('category', None, 'Category to export (needed for several).')
-_FORMAT = flags.DEFINE_enum('format', 'stablehlo', ['stablehlo', 'onnx'], 'Artifact format.')
-_OUT = flags.DEFINE_string('out', None, 'Artifact path.')
-_PARITY = flags.DEFINE_integer('parity_images', 16, 'Test images scored for the parity check.')
-
 
 class ParityError(AssertionError):
   """The artifact's scores or maps differ from the checkpoint's by more than TOLERANCE."""
@@ -129,15 +123,33 @@ def export(detector, category: str | None, fmt: str, path: str, count: int = 16)
   return parity(detector, category, artifact, parity_images(detector, category, count), path, fmt)
 
 
+def _define_flags():
+  """The command-line flags (defined only when this module runs as a program)."""
+  flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
+  flags.DEFINE_string('category', None, 'Category to export (needed for several).')
+  flags.DEFINE_enum('format', 'stablehlo', ['stablehlo', 'onnx'], 'Artifact format.')
+  flags.DEFINE_string('out', None, 'Artifact path.')
+  flags.DEFINE_integer('parity_images', 16, 'Test images scored for the parity check.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jaxad
 
-  report = export(jaxad.load(_WORKDIR.value), _CATEGORY.value, _FORMAT.value, _OUT.value, _PARITY.value)
-  print(f'{_OUT.value}: parity on {report["images"]} images, largest differences {report["max_abs_diff"]}')
+  report = export(
+    jaxad.load(flags.FLAGS.workdir),
+    flags.FLAGS.category,
+    flags.FLAGS.format,
+    flags.FLAGS.out,
+    flags.FLAGS.parity_images,
+  )
+  print(
+    f'{flags.FLAGS.out}: parity on {report["images"]} images, largest differences {report["max_abs_diff"]}'
+  )
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['workdir', 'out'])
   app.run(main)

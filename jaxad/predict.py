@@ -22,16 +22,6 @@ from tqdm.auto import tqdm
 from jaxad import writers
 from jaxad.data import folder
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
-_INPUT = flags.DEFINE_string('input', None, 'An image folder (searched recursively), a file or a glob.')
-_OUTPUT = flags.DEFINE_string('output', None, 'Output folder (default <workdir>/predictions).')
-_CATEGORY = flags.DEFINE_string('category', None, 'Category to score as (needed for a unified model).')
-_MASKS = flags.DEFINE_bool('masks', False, 'Also write binary mask PNGs at the input size.')
-_OVERLAYS = flags.DEFINE_bool('overlays', True, 'Write overlay PNGs.')
-_BATCH = flags.DEFINE_integer('batch_size', None, 'Images per jitted batch (default config.eval_batch_size).')
-_LABELS = flags.DEFINE_bool(
-  'labels_from_folders', False, 'MVTec layout: images under a `good` folder are normal; report accuracy.'
-)
 FIELDS = ('path', 'category', 'score', 'normalised_score', 'verdict', 'error')
 
 
@@ -207,19 +197,33 @@ def folder_label_summary(rows: list[dict], good_name: str = 'good') -> dict:
   }
 
 
+def _define_flags():
+  """The command-line flags (defined only when this module runs as a program)."""
+  flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
+  flags.DEFINE_string('input', None, 'An image folder (searched recursively), a file or a glob.')
+  flags.DEFINE_string('output', None, 'Output folder (default <workdir>/predictions).')
+  flags.DEFINE_string('category', None, 'Category to score as (needed for a unified model).')
+  flags.DEFINE_bool('masks', False, 'Also write binary mask PNGs at the input size.')
+  flags.DEFINE_bool('overlays', True, 'Write overlay PNGs.')
+  flags.DEFINE_integer('batch_size', None, 'Images per jitted batch (default config.eval_batch_size).')
+  flags.DEFINE_bool(
+    'labels_from_folders', False, 'MVTec layout: images under a `good` folder are normal; report accuracy.'
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   import jaxad
 
-  detector = jaxad.load(_WORKDIR.value)
-  paths = input_paths(_INPUT.value)
-  output = _OUTPUT.value or os.path.join(_WORKDIR.value, 'predictions')
-  rows, results = predict_paths(detector, paths, _CATEGORY.value, _BATCH.value)
-  write_outputs(output, rows, results, detector, _OVERLAYS.value, _MASKS.value)
+  detector = jaxad.load(flags.FLAGS.workdir)
+  paths = input_paths(flags.FLAGS.input)
+  output = flags.FLAGS.output or os.path.join(flags.FLAGS.workdir, 'predictions')
+  rows, results = predict_paths(detector, paths, flags.FLAGS.category, flags.FLAGS.batch_size)
+  write_outputs(output, rows, results, detector, flags.FLAGS.overlays, flags.FLAGS.masks)
   failed = [r['path'] for r in rows if r['error']]
   print(f'{len(rows) - len(failed)} of {len(rows)} images scored; {output}/predictions.csv')
-  if _LABELS.value:
+  if flags.FLAGS.labels_from_folders:
     summary = folder_label_summary(rows, detector.config.dataset.good_name)
     writers.atomic_write_json(os.path.join(output, 'summary.json'), summary)
     print(json.dumps(summary))
@@ -230,5 +234,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   flags.mark_flags_as_required(['workdir', 'input'])
   app.run(main)
