@@ -32,7 +32,7 @@ def input_paths(spec: str) -> list[str]:
       os.path.join(r, f)
       for r, _, fs in os.walk(spec)
       for f in fs
-      if f.lower().endswith(folder.IMAGE_EXTENSIONS)
+      if not f.startswith('.') and f.lower().endswith(folder.IMAGE_EXTENSIONS)
     ]
   elif os.path.exists(spec):
     found = [spec]
@@ -56,8 +56,8 @@ def category_of(path: str, categories: list[str], category: str | None) -> str:
 def _read(path: str, size: int, channels: int):
   """(image for the model, original image as uint8 RGB, (W, H)) of one file; DatasetError if unreadable."""
   image = folder.load_image(path, size, channels)
-  with Image.open(path) as im:
-    original = np.asarray(im.convert('RGB'))
+  w, h = folder._probe(path, 'image', decode=False)  # After EXIF orientation, as the model saw it.
+  original = np.round(folder.load_image(path, (h, w), 3) * 255.0).astype(np.uint8)  # 16-bit too.
   return image, original
 
 
@@ -66,6 +66,8 @@ def predict_paths(detector, paths: list[str], category: str | None = None, batch
 
   A row per path with FIELDS; unreadable files get an 'error' and no score.
   """
+  if category is not None and category not in detector.categories:
+    raise ValueError(f'Unknown category {category!r}; this detector has {detector.categories}.')
   batch = batch_size or detector.config.eval_batch_size
   rows, results, pending = [], {}, []
 
@@ -137,7 +139,8 @@ def overlay_png(original: np.ndarray, amap: np.ndarray, mask: np.ndarray, row: d
   if big_mask.any():
     axes[1].contour(big_mask, levels=[0.5], colors='white', linewidths=1.0)
   colour = 'red' if row['verdict'] == 'anomalous' else 'green'
-  axes[1].set_title(f'{row["verdict"]}  score {row["normalised_score"]:.2f}', color=colour)
+  title = f'{row["verdict"]}  score {row["normalised_score"]:.2f} (raw {row["score"]:.4g})'
+  axes[1].set_title(title, color=colour)
   for ax in axes:
     ax.axis('off')
   fig.tight_layout()

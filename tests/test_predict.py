@@ -99,3 +99,16 @@ def test_cli_names_unreadable_files_scores_the_rest_and_writes_every_output(trai
   # Without --category, a unified detector reads the category from the path: here none is named.
   done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert done.returncode == 2 and '--category' in done.stderr
+
+
+def test_pictures_keep_16_bit_contrast_hidden_files_are_skipped_and_categories_checked(trained, tmp_path):
+  detector = jaxad.load(trained)
+  gray16 = np.tile(np.linspace(0, 65535, 40, dtype=np.uint16), (30, 1))
+  Image.fromarray(gray16).save(tmp_path / 'deep.png')
+  (tmp_path / '._deep.png').write_bytes(b'resource fork')  # macOS metadata, not an image.
+  assert predict.input_paths(str(tmp_path)) == [str(tmp_path / 'deep.png')]
+  _, original = predict._read(str(tmp_path / 'deep.png'), detector.image_size, detector.channels)
+  assert original.shape == (30, 40, 3)
+  np.testing.assert_allclose(original[0, :, 0], np.round(np.linspace(0, 255, 40)), atol=1)  # Not clipped.
+  with pytest.raises(ValueError, match='Unknown category'):
+    predict.predict_paths(detector, [str(tmp_path / 'deep.png')], category='nope')
