@@ -10,15 +10,21 @@ run, `slurm` writes `<workdir>/sweep.sbatch`, an array job with one task per pen
 exits with `jaxad.PREEMPTED_EXIT_CODE` (stopped by a signal, checkpoint saved) is rerun to resume:
 `local` reruns it up to --max_resumes times, the Slurm array task requeues itself. A sweep that gets
 SIGTERM/SIGINT itself passes it on to its runs, starts nothing more and exits with that code too.
-`python -m jaxad.report <workdir>` then aggregates the metrics (mean +/- std over seeds).
+With `--parallel N` > 1 the local runs share the machine: `--devices_per_run K` gives run slot i its own
+GPUs (CUDA_VISIBLE_DEVICES) when there are N*K of them, else the runs share the devices with
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9/N; XLA_PYTHON_CLIENT_PREALLOCATE=false in both cases.
+`python -m jaxad.report <workdir>` then aggregates the metrics (mean, std and 95 % CI over seeds, and
+paired comparisons of points over matched seeds).
 """
 
 import concurrent.futures
 import importlib.util
 import itertools
 import os
+import queue
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +41,17 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; default runs/s
 _SEEDS = flags.DEFINE_integer('seeds', 1, 'Runs per point, with config.seed = 0 .. seeds-1.')
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', ['local', 'print', 'slurm'], 'Where runs go.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at the same time.')
+_DEVICES_PER_RUN = flags.DEFINE_integer(
+  'devices_per_run',
+  0,
+  'local: GPUs per concurrent run (CUDA_VISIBLE_DEVICES per run slot); 0 = do not partition. With fewer '
+  'than parallel * devices_per_run devices the runs share them.',
+)
+_VISIBLE_DEVICES = flags.DEFINE_list(
+  'visible_devices',
+  None,
+  'local: GPU ids to partition; default $CUDA_VISIBLE_DEVICES, else the GPUs `nvidia-smi -L` lists.',
+)
 _MAX_RESUMES = flags.DEFINE_integer(
   'max_resumes', 3, 'local: reruns of a run that exits preempted (checkpoint saved), each resuming.'
 )
@@ -129,20 +146,72 @@ def finished(run: dict) -> bool:
   return True
 
 
+def visible_devices() -> list[str]:
+  """The GPU ids runs can use: $CUDA_VISIBLE_DEVICES if set, else one per `nvidia-smi -L` line, else []."""
+  env = os.environ.get('CUDA_VISIBLE_DEVICES')
+  if env is not None:
+    return [d.strip() for d in env.split(',') if d.strip()]
+  if shutil.which('nvidia-smi') is None:
+    return []
+  try:
+    out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=30, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return []
+  return [str(i) for i in range(sum(line.startswith('GPU ') for line in out.splitlines()))]
+
+
+def slot_environments(parallel: int, devices: list[str], devices_per_run: int) -> list[dict]:
+  """The environment variables of each of `parallel` run slots.
+
+  With `devices_per_run` > 0 and at least parallel * devices_per_run `devices`, slot i gets
+  CUDA_VISIBLE_DEVICES = devices[i * devices_per_run : (i + 1) * devices_per_run]. Otherwise, with
+  `parallel` > 1, the slots share the devices and get XLA_PYTHON_CLIENT_MEM_FRACTION = 0.9 / parallel.
+  XLA_PYTHON_CLIENT_PREALLOCATE=false whenever `parallel` > 1.
+  """
+  k = devices_per_run
+  if k > 0 and len(devices) >= parallel * k:
+    envs = [{'CUDA_VISIBLE_DEVICES': ','.join(devices[i * k : (i + 1) * k])} for i in range(parallel)]
+  else:
+    if k > 0:
+      print(
+        f'Warning: --devices_per_run={k} x --parallel={parallel} needs {parallel * k} devices, found '
+        f'{len(devices)} ({",".join(devices) or "none"}); the runs share them.',
+        file=sys.stderr,
+      )
+    fraction = {'XLA_PYTHON_CLIENT_MEM_FRACTION': f'{0.9 / parallel:.4g}'} if parallel > 1 else {}
+    envs = [dict(fraction) for _ in range(parallel)]
+  if parallel > 1:
+    for env in envs:
+      env['XLA_PYTHON_CLIENT_PREALLOCATE'] = 'false'
+  return envs
+
+
 class LocalExecutor:
   """Runs sweep runs here as `python <args>` subprocesses, each logging to <workdir>/output.log.
 
   A run that exits with `jaxad.PREEMPTED_EXIT_CODE` is rerun (resuming from its checkpoint) up to
-  `max_resumes` times. After `stop(signum)` (the sweep itself got SIGTERM/SIGINT) the signal is passed
-  on to the running runs and nothing is started or rerun.
+  `max_resumes` times, in the same slot (same devices). After `stop(signum)` (the sweep itself got
+  SIGTERM/SIGINT) the signal is passed on to the running runs and nothing is started or rerun.
+  `run_all` runs each run in a free slot whose environment is `slot_environments(parallel, devices,
+  devices_per_run)`; a run's output.log header line names its slot and those variables.
   """
 
-  def __init__(self, max_resumes: int = 3, command: tuple[str, ...] = (sys.executable,)):
+  def __init__(
+    self,
+    max_resumes: int = 3,
+    command: tuple[str, ...] = (sys.executable,),
+    devices: tuple[str, ...] = (),
+    devices_per_run: int = 0,
+  ):
     self.max_resumes = max_resumes
     self.command = list(command)
+    self.devices = list(devices)
+    self.devices_per_run = devices_per_run
     self.stopped = threading.Event()
     self._lock = threading.RLock()  # stop() runs in a signal handler and may interrupt itself.
     self._procs = set()
+    self._slot_envs = [{}]
+    self._slots = None  # Free slot numbers while run_all runs; a direct call runs in slot 0.
 
   def stop(self, signum: int):
     self.stopped.set()
@@ -150,21 +219,41 @@ class LocalExecutor:
       for proc in self._procs:
         proc.send_signal(signum)
 
-  def _start(self, run: dict, log) -> subprocess.Popen | None:
+  def _start(self, run: dict, log, slot: int, first: bool) -> subprocess.Popen | None:
     with self._lock:
       if self.stopped.is_set():
         return None
-      proc = subprocess.Popen([*self.command, *run['args']], stdout=log, stderr=subprocess.STDOUT)
+      extra = self._slot_envs[slot]
+      if first:
+        settings = ' '.join(f'{k}={v}' for k, v in sorted(extra.items()))
+        if 'CUDA_VISIBLE_DEVICES' not in extra:
+          inherited = os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')
+          settings = f'{settings} CUDA_VISIBLE_DEVICES={inherited} (inherited)'.strip()
+        log.write(f'[jaxad.sweep] Run {run["workdir"]} in slot {slot}: {settings}\n')
+        log.flush()
+      proc = subprocess.Popen(
+        [*self.command, *run['args']], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **extra}
+      )
       self._procs.add(proc)
       return proc
 
   def __call__(self, run: dict) -> int | None:
-    """Runs `run` to its end; its last exit code, or None if the sweep stopped before it started."""
+    """Runs `run` to its end in a free slot; its last exit code, or None if the sweep stopped first."""
+    slots = self._slots
+    if slots is None:
+      return self._run(run, 0)
+    slot = slots.get()
+    try:
+      return self._run(run, slot)
+    finally:
+      slots.put(slot)
+
+  def _run(self, run: dict, slot: int) -> int | None:
     os.makedirs(run['workdir'], exist_ok=True)
     code = None
     with open(os.path.join(run['workdir'], 'output.log'), 'a') as log:
       for attempt in range(self.max_resumes + 1):
-        proc = self._start(run, log)
+        proc = self._start(run, log, slot, attempt == 0)
         if proc is None:
           return code
         code = proc.wait()
@@ -177,19 +266,30 @@ class LocalExecutor:
     return code
 
   def run_all(self, runs: list[dict], parallel: int) -> list[int | None]:
-    """Runs `runs`, `parallel` at a time; their exit codes (None: not started)."""
-    with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
-      return list(pool.map(self, runs))
+    """Runs `runs`, `parallel` at a time, each in a free slot; their exit codes (None: not started)."""
+    self._slot_envs = slot_environments(parallel, self.devices, self.devices_per_run)
+    self._slots = queue.SimpleQueue()
+    for slot in range(parallel):
+      self._slots.put(slot)
+    try:
+      with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+        return list(pool.map(self, runs))
+    finally:
+      self._slots, self._slot_envs = None, [{}]
 
 
-def run_local(runs: list[dict], parallel: int, max_resumes: int) -> None:
+def run_local(
+  runs: list[dict], parallel: int, max_resumes: int, devices: tuple[str, ...] = (), devices_per_run: int = 0
+) -> None:
   """Runs `runs` here with a `LocalExecutor`; lists the unfinished ones and exits if there are any.
+
+  `devices` and `devices_per_run` set each of the `parallel` run slots' GPUs (`slot_environments`).
 
   SIGTERM/SIGINT sent to the sweep (main thread) are passed on to its runs, which save a checkpoint
   and stop. The exit code is `jaxad.PREEMPTED_EXIT_CODE` if every unfinished run was preempted or not
   started (rerun the sweep to resume), else 1.
   """
-  executor = LocalExecutor(max_resumes)
+  executor = LocalExecutor(max_resumes, devices=devices, devices_per_run=devices_per_run)
   handlers = {}
   if threading.current_thread() is threading.main_thread():
     for s in (signal.SIGTERM, signal.SIGINT):
@@ -296,7 +396,8 @@ def main(argv):
     writers.atomic_write_text(path, slurm_script(pending, workdir, _SBATCH.value))
     print(f'Wrote {path}; submit with: sbatch {path}')
   else:
-    run_local(pending, _PARALLEL.value, _MAX_RESUMES.value)
+    devices = visible_devices() if _VISIBLE_DEVICES.value is None else _VISIBLE_DEVICES.value
+    run_local(pending, _PARALLEL.value, _MAX_RESUMES.value, devices, _DEVICES_PER_RUN.value)
     print(f'All {len(runs)} runs finished in {workdir}', file=sys.stderr)
 
 

@@ -1,8 +1,10 @@
-"""jaxad.sweep and jaxad.report: a 2x2 mean-image sweep x 2 seeds, rerun skips, report vs numpy."""
+"""jaxad.sweep and jaxad.report: a 2x2 mean-image sweep x 2 seeds, rerun skips, report vs numpy, run slots."""
 
 import csv
 import importlib.util
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -64,6 +66,8 @@ def test_local_sweep_rerun_and_report(tiny_dataset, tmp_path):
   assert len(runs) == 8
   assert (workdir / 'mean_image.smoothing_sigma=3.0,augment.hflip=True' / 'seed_1' / 'metrics.json') in runs
   stamps = [p.stat().st_mtime_ns for p in runs]
+  header = (runs[0].parent / 'output.log').read_text().splitlines()[0]  # Two runs share the devices.
+  assert ' in slot ' in header and 'MEM_FRACTION=0.45 XLA_PYTHON_CLIENT_PREALLOCATE=false' in header, header
 
   again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
   assert again.returncode == 0 and '8 finished, 0 to run' in again.stderr, again.stderr[-3000:]
@@ -183,3 +187,124 @@ def test_shipped_sweeps_name_real_config_fields(path):
   assert len(points) >= 2
   for p in points:
     sweep.check_fields(module.get_config(), p, str(path))
+
+
+# Appends this attempt's device variables to <workdir>/env.jsonl, waits (up to 60 s) until every run in
+# $RUNS has started so the runs overlap, exits preempted on the first attempt of a run in $PREEMPT, and
+# writes a metrics.json.
+_ENV_PROBE = """
+import json, os, sys, time
+workdir = sys.argv[1]
+keys = ('CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION')
+path = os.path.join(workdir, 'env.jsonl')
+first = not os.path.exists(path)
+with open(path, 'a') as f:
+  f.write(json.dumps({k: os.environ.get(k) for k in keys}) + '\\n')
+deadline = time.time() + 60
+while time.time() < deadline and not all(
+  os.path.exists(os.path.join(w, 'env.jsonl')) for w in os.environ['RUNS'].split(os.pathsep)
+):
+  time.sleep(0.02)
+if first and os.path.basename(workdir) in os.environ.get('PREEMPT', '').split(','):
+  sys.exit(75)
+json.dump({'mean': {'image_auroc': 1.0}}, open(os.path.join(workdir, 'metrics.json'), 'w'))
+"""
+
+
+def _probe_runs(tmp_path, monkeypatch, n: int, preempt: str = '') -> tuple[str, list[dict]]:
+  script = tmp_path / 'probe.py'
+  script.write_text(_ENV_PROBE)
+  runs = [{'workdir': str(tmp_path / f'run{i}'), 'args': [str(tmp_path / f'run{i}')]} for i in range(n)]
+  monkeypatch.setenv('RUNS', os.pathsep.join(r['workdir'] for r in runs))
+  monkeypatch.setenv('PREEMPT', preempt)
+  for k in ('CUDA_VISIBLE_DEVICES', 'XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION'):
+    monkeypatch.delenv(k, raising=False)
+  return str(script), runs
+
+
+def _envs(run: dict) -> list[dict]:
+  with open(os.path.join(run['workdir'], 'env.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_parallel_runs_get_disjoint_devices_and_keep_them_when_resumed(tmp_path, monkeypatch):
+  script, runs = _probe_runs(tmp_path, monkeypatch, 2, preempt='run0')
+  executor = sweep.LocalExecutor(
+    max_resumes=1, command=(sys.executable, script), devices=['0', '1', '2', '3'], devices_per_run=2
+  )
+  assert executor.run_all(runs, parallel=2) == [0, 0]
+  first, second = (_envs(r) for r in runs)
+  assert len(first) == 2 and len(second) == 1  # run0 was preempted once and rerun.
+  assert first[0] == first[1]  # The rerun keeps its slot's devices.
+  assert {first[0]['CUDA_VISIBLE_DEVICES'], second[0]['CUDA_VISIBLE_DEVICES']} == {'0,1', '2,3'}
+  for env in (first[0], second[0]):
+    assert env['XLA_PYTHON_CLIENT_PREALLOCATE'] == 'false' and env['XLA_PYTHON_CLIENT_MEM_FRACTION'] is None
+  for run, env in zip(runs, (first[0], second[0])):
+    header = (pathlib.Path(run['workdir']) / 'output.log').read_text().splitlines()[0]
+    assert header.startswith(f'[jaxad.sweep] Run {run["workdir"]} in slot ')
+    assert f'CUDA_VISIBLE_DEVICES={env["CUDA_VISIBLE_DEVICES"]} ' in header
+    assert header.endswith('XLA_PYTHON_CLIENT_PREALLOCATE=false')
+
+
+@pytest.mark.parametrize('devices', [['0'], []])
+def test_parallel_runs_share_too_few_devices_without_preallocating(tmp_path, monkeypatch, capsys, devices):
+  script, runs = _probe_runs(tmp_path, monkeypatch, 2)
+  executor = sweep.LocalExecutor(
+    max_resumes=0, command=(sys.executable, script), devices=devices, devices_per_run=1
+  )
+  assert executor.run_all(runs, parallel=2) == [0, 0]
+  assert 'the runs share them' in capsys.readouterr().err
+  for run in runs:
+    (env,) = _envs(run)
+    assert env == {
+      'CUDA_VISIBLE_DEVICES': None,
+      'XLA_PYTHON_CLIENT_PREALLOCATE': 'false',
+      'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.45',
+    }
+    header = (pathlib.Path(run['workdir']) / 'output.log').read_text().splitlines()[0]
+    assert header.endswith(
+      'XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 XLA_PYTHON_CLIENT_PREALLOCATE=false '
+      'CUDA_VISIBLE_DEVICES=unset (inherited)'
+    )
+
+
+def test_run_local_passes_devices_on(tmp_path, monkeypatch):
+  script, runs = _probe_runs(tmp_path, monkeypatch, 2)
+  for run in runs:
+    run['args'] = [script, *run['args']]
+  sweep.run_local(runs, parallel=2, max_resumes=0, devices=['3', '5'], devices_per_run=1)
+  assert sorted(_envs(r)[0]['CUDA_VISIBLE_DEVICES'] for r in runs) == ['3', '5']
+
+
+def test_slot_environments():
+  assert sweep.slot_environments(1, ['0', '1'], 0) == [{}]
+  assert sweep.slot_environments(1, ['0', '1'], 2) == [{'CUDA_VISIBLE_DEVICES': '0,1'}]
+  shared = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false', 'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.3'}
+  assert sweep.slot_environments(3, ['0', '1', '2'], 0) == [shared] * 3  # 0: no partitioning.
+  assert sweep.slot_environments(3, ['0', '1', '2', '3', '4'], 2) == [shared] * 3
+  assert [e['CUDA_VISIBLE_DEVICES'] for e in sweep.slot_environments(3, list('abcdefg'), 2)] == [
+    'a,b',
+    'c,d',
+    'e,f',
+  ]
+
+
+def test_visible_devices_from_the_environment_or_nvidia_smi(tmp_path, monkeypatch):
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '2, 3,')
+  assert sweep.visible_devices() == ['2', '3']
+  monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+  assert sweep.visible_devices() == []
+  monkeypatch.delenv('CUDA_VISIBLE_DEVICES')
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  smi = bin_dir / 'nvidia-smi'
+  smi.write_text(
+    '#!/bin/sh\necho "GPU 0: NVIDIA H200 (UUID: GPU-a)"\necho "GPU 1: NVIDIA H200 (UUID: GPU-b)"\n'
+  )
+  smi.chmod(0o755)
+  monkeypatch.setenv('PATH', str(bin_dir))
+  assert sweep.visible_devices() == ['0', '1']
+  smi.write_text('#!/bin/sh\nexit 9\n')
+  assert sweep.visible_devices() == []
+  monkeypatch.setenv('PATH', str(tmp_path / 'empty'))
+  assert sweep.visible_devices() == []
