@@ -53,18 +53,11 @@ class Calibration:
       return zscore_max(maps, self.zscore_mean, self.zscore_std)
     return np.asarray(model_scores, np.float64)
 
-  def normalise(self, raw: np.ndarray) -> np.ndarray:
-    """(raw - normal median) / (threshold - normal median): 1 at the threshold."""
+  @property
+  def normalising_span(self) -> float:
+    """threshold - normal median (1 if not positive): the normalised score is (raw - median) / span."""
     span = self.image_threshold - self.normal_median
-    return (np.asarray(raw, np.float64) - self.normal_median) / (span if span > 0 else 1.0)
-
-  def verdicts(self, raw: np.ndarray) -> np.ndarray:
-    """True where the image is anomalous (raw score at or above the threshold)."""
-    return np.asarray(raw) >= self.image_threshold
-
-  def masks(self, maps: np.ndarray) -> np.ndarray:
-    """Predicted defect masks: map values at or above the pixel threshold."""
-    return np.asarray(maps) >= self.pixel_threshold
+    return span if span > 0 else 1.0
 
 
 def zscore_stats(normal_maps: np.ndarray, std_floor: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -191,10 +184,6 @@ def load(run_dir: str, category: str) -> Calibration:
     with np.load(os.path.join(os.path.dirname(json_path), zscore_file)) as z:
       record['zscore_mean'], record['zscore_std'] = z['mean'], z['std']
   return Calibration(**record)
-
-
-def exists(run_dir: str, category: str) -> bool:
-  return os.path.exists(_paths(run_dir, category)[0])
 
 
 def describe(calib: Calibration) -> dict:

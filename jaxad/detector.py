@@ -69,8 +69,7 @@ class Detector:
     """
     category = self._category(category)
     run, calib = self._runs[category], self.calibrations[category]
-    span = calib.image_threshold - calib.normal_median
-    span = span if span > 0 else 1.0
+    span = calib.normalising_span
     zscore = None
     if calib.image_score == 'max_zscore':
       zscore = (jnp.asarray(calib.zscore_mean, jnp.float32), jnp.asarray(calib.zscore_std, jnp.float32))
@@ -157,19 +156,13 @@ def _restore(config: ml_collections.ConfigDict, run_dir: str) -> _Run:
     jnp.zeros((), jnp.int32), model.init(jax.random.key(0), example, model.frozen)
   )
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, jax.eval_shape(init))
-  errors = []
-  for step in steps:
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    except Exception as e:  # A damaged step: try the previous one, as training does.
-      errors.append(f'step {step}: {type(e).__name__}')
-      continue
+  try:
+    _, restored, _ = train.restore_newest_intact(
+      mngr, lambda: ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )
+  finally:
     mngr.close()
-    return _Run(model, restored.state.model, model.frozen)
-  mngr.close()
-  raise train.CheckpointError(
-    f'No checkpoint in {run_dir}/checkpoints can be restored ({"; ".join(errors)}).'
-  )
+  return _Run(model, restored.state.model, model.frozen)
 
 
 def load(workdir: str) -> Detector:

@@ -142,7 +142,8 @@ class _Ranked:
       ends = np.flatnonzero(np.append(pos[1:] != pos[:-1], True))
     else:
       ends = np.zeros(0, dtype=np.intp)
-    vals_asc = np.ascontiguousarray(pos[ends][::-1])  # ascending keys: faster search
+    self.values = pos[ends]  # v_1 > ... > v_m
+    vals_asc = np.ascontiguousarray(self.values[::-1])  # ascending keys: faster search
     self.tp = (ends + 1).astype(np.int64)
 
     lt = np.zeros(vals_asc.size, dtype=np.int64)  # #neg <  v
@@ -182,6 +183,12 @@ class _Ranked:
     # Thresholds that are not positive values only add FPs at equal TP,
     # and the curve's (P=1, R=0) end point has F1 = 0, so this is the max.
     return float(np.max(2.0 * self.tp / (self.tp + self.fp_ge + self.n_pos)))
+
+  def f1_max_threshold(self) -> float:
+    """The score v_j (predict positive at or above it) where F1 is largest; nan without positives."""
+    if self.n_pos == 0:
+      return _NAN
+    return float(self.values[np.argmax(2.0 * self.tp / (self.tp + self.fp_ge + self.n_pos))])
 
   def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) points from (0, 0) to (1, 1), FPR non-decreasing."""
@@ -280,15 +287,8 @@ def f1_max(scores, labels) -> float:
 
 
 def f1_max_threshold(scores, labels) -> float:
-  """The score at which F1 (predicting positive at or above it) is largest, over the distinct scores."""
-  s = _as_scores(scores, 'scores')
-  y = _as_labels(labels, s.shape, 'labels').astype(np.int64)
-  order = np.argsort(-s, kind='stable')
-  s, y = s[order], y[order]
-  tp, fp = np.cumsum(y), np.cumsum(1 - y)
-  last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # The last index of each distinct score.
-  f1 = 2.0 * tp[last] / (tp[last] + fp[last] + y.sum())
-  return float(s[last[np.argmax(f1)]])
+  """The score at which F1 (predicting positive at or above it) is largest; nan without positives."""
+  return _image_ranked(scores, labels).f1_max_threshold()
 
 
 def pixel_auroc(maps, masks) -> float:

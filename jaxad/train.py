@@ -269,37 +269,47 @@ def restore_latest(mngr: ocp.CheckpointManager, run: Run) -> None:
   deleted) with a warning, and the next older one is tried.
   """
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, run.state)
+  step, restored, damaged = restore_newest_intact(
+    mngr,
+    lambda: ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.iterator)
+    ),
+  )
+  if step is None:
+    return
+  run.state = restored.state
+  if damaged:
+    _set_aside(mngr, [s for s, _ in damaged])
+    logging.warning(
+      'Resumed from step %d; damaged steps %s moved to %s.', step, [s for s, _ in damaged], _damaged_dir(mngr)
+    )
+  else:
+    logging.info('Resumed from step %d in %s', step, mngr.directory)
+
+
+def restore_newest_intact(mngr: ocp.CheckpointManager, make_args) -> tuple[int | None, Any, list]:
+  """(step, restored, damaged): the newest checkpoint that restores with `make_args()`.
+
+  `damaged` lists (step, reason) of the newer ones that failed, each logged. With no checkpoint at all
+  the step is None; when every checkpoint fails, CheckpointError names them.
+  """
   damaged = []
   for step in sorted(mngr.all_steps(), reverse=True):
-    args = ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(run.iterator)
-    )
     try:
-      run.state = mngr.restore(step, args=args).state
+      return step, mngr.restore(step, args=make_args()), damaged
     except Exception as e:  # Orbax/TensorStore raise many types for damaged files.
       reason = f'{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ""}'
       logging.warning(
         'Checkpoint step %d in %s cannot be restored (%s); trying an older one.', step, mngr.directory, reason
       )
       damaged.append((step, reason))
-      continue
-    if damaged:
-      _set_aside(mngr, [s for s, _ in damaged])
-      logging.warning(
-        'Resumed from step %d; damaged steps %s moved to %s.',
-        step,
-        [s for s, _ in damaged],
-        _damaged_dir(mngr),
-      )
-    else:
-      logging.info('Resumed from step %d in %s', step, mngr.directory)
-    return
   if damaged:
     tried = '; '.join(f'step {s}: {r}' for s, r in damaged)
     raise CheckpointError(
       f'No checkpoint in {mngr.directory} can be restored ({tried}). Move that folder away to train '
       'from the start, or use a new --workdir.'
     )
+  return None, None, damaged
 
 
 def _damaged_dir(mngr: ocp.CheckpointManager) -> str:
