@@ -59,7 +59,8 @@ def export_onnx(detector, category: str, path: str):
     raise RuntimeError(
       'ONNX export needs jax2onnx, which is not installed with jaxad: its releases pin '
       'orbax-checkpoint<0.11.37 while jaxad reads its checkpoints with orbax-checkpoint>=0.12. Install '
-      'it without its pins (`pip install --no-deps jax2onnx onnx-ir onnxruntime`) or use --format=stablehlo.'
+      'it without its pins (`pip install onnx-ir onnxruntime && pip install --no-deps jax2onnx==0.17.1`) or '
+      'use --format=stablehlo.'
     ) from e
   import onnxruntime
 

@@ -61,15 +61,18 @@ def _read(path: str, size: int, channels: int):
   return image, original
 
 
-def predict_paths(detector, paths: list[str], category: str | None = None, batch_size: int | None = None):
-  """Scores `paths` in batches; returns (rows, results) with results[path] = (original, map, mask).
+def predict_paths(
+  detector, paths: list[str], category: str | None = None, batch_size: int | None = None, on_scored=None
+) -> list[dict]:
+  """Scores `paths` in batches; returns a row per path with FIELDS (unreadable files: an 'error', no score).
 
-  A row per path with FIELDS; unreadable files get an 'error' and no score.
+  `on_scored(row, original, map, mask)` is called for every scored image as its batch finishes, so
+  that pictures are written as they come and none is kept.
   """
   if category is not None and category not in detector.categories:
     raise ValueError(f'Unknown category {category!r}; this detector has {detector.categories}.')
   batch = batch_size or detector.config.eval_batch_size
-  rows, results, pending = [], {}, []
+  rows, pending = [], []
 
   def flush():
     by_category = {}
@@ -78,17 +81,17 @@ def predict_paths(detector, paths: list[str], category: str | None = None, batch
     for cat, items in by_category.items():
       pred = detector.predict(np.stack([i[2] for i in items]), category=cat)
       for k, (path, _, _, original) in enumerate(items):
-        rows.append(
-          {
-            'path': path,
-            'category': cat,
-            'score': float(pred.scores[k]),
-            'normalised_score': float(pred.normalised_scores[k]),
-            'verdict': 'anomalous' if pred.verdicts[k] else 'normal',
-            'error': '',
-          }
-        )
-        results[path] = (original, pred.maps[k], pred.masks[k])
+        row = {
+          'path': path,
+          'category': cat,
+          'score': float(pred.scores[k]),
+          'normalised_score': float(pred.normalised_scores[k]),
+          'verdict': 'anomalous' if pred.verdicts[k] else 'normal',
+          'error': '',
+        }
+        rows.append(row)
+        if on_scored is not None:
+          on_scored(row, original, pred.maps[k], pred.masks[k])
     pending.clear()
 
   for path in tqdm(paths, desc='predict', unit='img'):
@@ -114,7 +117,7 @@ def predict_paths(detector, paths: list[str], category: str | None = None, batch
   flush()
   order = {p: i for i, p in enumerate(paths)}
   rows.sort(key=lambda r: order[r['path']])
-  return rows, results
+  return rows
 
 
 def _resized(a: np.ndarray, size_wh: tuple[int, int], resample) -> np.ndarray:
@@ -159,8 +162,28 @@ def _unique_stem(path: str, used: set) -> str:
   return name
 
 
-def write_outputs(output: str, rows: list[dict], results: dict, detector, overlays: bool, masks: bool):
-  """predictions.csv, predictions.jsonl, overlays/ and masks/ in `output`."""
+class PictureWriter:
+  """An `on_scored` for predict_paths: writes overlays/ and (with `masks`) masks/ PNGs into `output`."""
+
+  def __init__(self, output: str, detector, overlays: bool, masks: bool):
+    self.output, self.detector, self.overlays, self.masks = output, detector, overlays, masks
+    self.used = set()
+
+  def __call__(self, row: dict, original: np.ndarray, amap: np.ndarray, mask: np.ndarray):
+    stem = _unique_stem(row['path'], self.used)
+    if self.overlays:
+      vmax = self.detector.calibrations[row['category']].pixel_threshold * 2.0
+      os.makedirs(os.path.join(self.output, 'overlays'), exist_ok=True)
+      overlay_png(original, amap, mask, row, vmax, os.path.join(self.output, 'overlays', f'{stem}.png'))
+    if self.masks:
+      h, w = original.shape[:2]
+      os.makedirs(os.path.join(self.output, 'masks'), exist_ok=True)
+      big = _resized(mask.astype(np.uint8) * 255, (w, h), Image.NEAREST)
+      Image.fromarray(big).save(os.path.join(self.output, 'masks', f'{stem}_mask.png'))
+
+
+def write_tables(output: str, rows: list[dict]):
+  """predictions.csv and predictions.jsonl in `output`."""
   os.makedirs(output, exist_ok=True)
   with open(os.path.join(output, 'predictions.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, FIELDS)
@@ -169,21 +192,6 @@ def write_outputs(output: str, rows: list[dict], results: dict, detector, overla
   writers.atomic_write_text(
     os.path.join(output, 'predictions.jsonl'), ''.join(writers.dumps_json(r, indent=None) for r in rows)
   )
-  used = set()
-  for row in rows:
-    if row['error']:
-      continue
-    original, amap, mask = results[row['path']]
-    stem = _unique_stem(row['path'], used)
-    if overlays:
-      vmax = detector.calibrations[row['category']].pixel_threshold * 2.0
-      os.makedirs(os.path.join(output, 'overlays'), exist_ok=True)
-      overlay_png(original, amap, mask, row, vmax, os.path.join(output, 'overlays', f'{stem}.png'))
-    if masks:
-      h, w = original.shape[:2]
-      os.makedirs(os.path.join(output, 'masks'), exist_ok=True)
-      big = _resized(mask.astype(np.uint8) * 255, (w, h), Image.NEAREST)
-      Image.fromarray(big).save(os.path.join(output, 'masks', f'{stem}_mask.png'))
 
 
 def folder_label_summary(rows: list[dict], good_name: str = 'good') -> dict:
@@ -222,8 +230,9 @@ def main(argv):
   detector = jaxad.load(flags.FLAGS.workdir)
   paths = input_paths(flags.FLAGS.input)
   output = flags.FLAGS.output or os.path.join(flags.FLAGS.workdir, 'predictions')
-  rows, results = predict_paths(detector, paths, flags.FLAGS.category, flags.FLAGS.batch_size)
-  write_outputs(output, rows, results, detector, flags.FLAGS.overlays, flags.FLAGS.masks)
+  pictures = PictureWriter(output, detector, flags.FLAGS.overlays, flags.FLAGS.masks)
+  rows = predict_paths(detector, paths, flags.FLAGS.category, flags.FLAGS.batch_size, on_scored=pictures)
+  write_tables(output, rows)
   failed = [r['path'] for r in rows if r['error']]
   print(f'{len(rows) - len(failed)} of {len(rows)} images scored; {output}/predictions.csv')
   if flags.FLAGS.labels_from_folders:

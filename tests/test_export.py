@@ -87,11 +87,12 @@ def test_stablehlo_artifact_reproduces_the_checkpoint_and_loads_with_jax_alone(n
     np.testing.assert_allclose(np.load(tmp_path / f'x.npy.{n}.npy'), want.scores[:n], rtol=1e-5, atol=1e-5)
 
 
-def test_onnx_artifact_reproduces_the_checkpoint(detectors, tmp_path):
+@pytest.mark.parametrize('name', list(CONFIGS))
+def test_onnx_artifact_reproduces_the_checkpoint(name, detectors, tmp_path):
   pytest.importorskip('jax2onnx', reason='jax2onnx is not installed (see jaxad/export.py)')
-  detector = detectors['mean_image']
-  report = export.export(detector, detector.categories[0], 'onnx', str(tmp_path / 'm.onnx'), count=4)
-  assert report['passed']
+  detector = detectors[name]
+  report = export.export(detector, detector.categories[0], 'onnx', str(tmp_path / f'{name}.onnx'), count=4)
+  assert report['passed'] and report['images'] == 4
 
 
 def test_a_parity_failure_is_an_error(detectors, tmp_path):

@@ -13,7 +13,8 @@ from conftest import REPO, override, tiny_folder_config
 from PIL import Image
 
 import jaxad
-from jaxad import predict, train
+from jaxad import evaluate, parallel, predict, train
+from jaxad.data import pipeline
 
 
 @pytest.fixture(scope='module')
@@ -32,16 +33,28 @@ def trained(tiny_dataset, tmp_path_factory):
   return str(workdir)
 
 
-def test_rows_are_the_detector_scores_and_need_a_category(trained, tiny_dataset):
+def test_rows_are_the_evaluation_scores_and_maps_and_need_a_category(trained, tiny_dataset):
+  """predict's scores and maps are those the harness's evaluation computes for the same test images."""
   detector = jaxad.load(trained)
   category = detector.categories[0]
-  test_dir = f'{tiny_dataset}/{category}/test'
-  paths = predict.input_paths(test_dir)
-  rows, results = predict.predict_paths(detector, paths, batch_size=3)  # Category from the path.
-  direct = detector.predict(paths, category=category)
-  np.testing.assert_allclose([r['score'] for r in rows], direct.scores, rtol=1e-6)
-  assert [r['verdict'] == 'anomalous' for r in rows] == direct.verdicts.tolist()
-  np.testing.assert_array_equal(results[paths[0]][1], direct.maps[0])
+  samples = pipeline.scan(detector.config, tiny_dataset, category, 'test')
+  paths = [s.image_path for s in samples]
+  maps = {}
+  rows = predict.predict_paths(  # Category from the path.
+    detector,
+    paths,
+    batch_size=3,
+    on_scored=lambda row, original, amap, mask: maps.update({row['path']: amap}),
+  )
+  run = detector._runs[category]
+  scored = evaluate.score_samples(
+    detector.config, run.model, run.state, run.frozen, samples, parallel.make_mesh()
+  )
+  want_scores = detector.calibrations[category].image_scores(scored['maps'], scored['scores'])
+  np.testing.assert_allclose([r['score'] for r in rows], want_scores, rtol=1e-6)
+  np.testing.assert_allclose(np.stack([maps[p] for p in paths]), scored['maps'], rtol=1e-6, atol=1e-7)
+  threshold = detector.calibrations[category].image_threshold
+  assert [r['verdict'] == 'anomalous' for r in rows] == (want_scores >= threshold).tolist()
   with pytest.raises(ValueError, match='--category'):
     predict.category_of('/elsewhere/x.png', detector.categories, None)
 

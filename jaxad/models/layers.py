@@ -118,6 +118,19 @@ def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
   return x[..., 0]
 
 
+# Bound at import: jax2onnx replaces the attribute `jax.image.resize` while it converts with a primitive of
+# its own that needs a constant batch size, while this function, traced op by op, keeps it symbolic.
+_jax_resize = jax.image.resize
+
+
+def resize(
+  x: jax.Array, spatial: tuple[int, ...], method: str = 'linear', antialias: bool = True
+) -> jax.Array:
+  """jax.image.resize of the dimensions after the batch to `spatial` + the trailing ones left as they are."""
+  shape = (x.shape[0], *spatial, *x.shape[1 + len(spatial) :])
+  return _jax_resize(x, shape, method=method, antialias=antialias)
+
+
 def resize_maps(maps: jax.Array, size: int) -> jax.Array:
   """Bilinear resize of [B, h, w] maps to [B, size, size]."""
-  return jax.image.resize(maps, (maps.shape[0], size, size), method='linear')
+  return resize(maps, (size, size))

@@ -118,7 +118,7 @@ class RBAM(nn.Module):
 
 
 def _upsample_to(x, hw):
-  return jax.image.resize(x, (x.shape[0], *hw, x.shape[-1]), method='nearest')
+  return layers.resize(x, hw, method='nearest')
 
 
 class Decoder(nn.Module):
@@ -208,7 +208,7 @@ class RBAE(nn.Module):
 
 def resize_mask(mask, hw):
   """Area-resized soft mask [B, h, w] of a [B, H, W] mask."""
-  return jax.image.resize(mask, (mask.shape[0], *hw), method='linear', antialias=True)
+  return layers.resize(mask, hw)
 
 
 def pixel_discrimination_loss(feats_o, feats_ad, mask) -> jax.Array:

@@ -54,7 +54,7 @@ class SelfInductionViT(nn.Module):
     )
     # Lines 2-6: Phi_i = X*_i U C_X X*_i  (Eq. 1).
     induction = self.param('induction_tokens', nn.initializers.normal(0.02), (num_tokens, self.width)) + pos
-    member = jax.nn.one_hot(partition, self.num_subsets, dtype=jnp.bool_).T  # [N, L]
+    member = jnp.arange(self.num_subsets)[:, None] == partition[None, :]  # [N, L]: token l is in subset i.
     phi = jnp.where(member[:, None, :, None], induction.astype(x.dtype), x[None])
     # Line 7: encode every Phi_i with one shared encoder.
     z = phi.reshape(self.num_subsets * b, num_tokens, self.width)
@@ -125,8 +125,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   def precompute(batch, frozen):
     """F: backbone maps resized to feature_size and concatenated over channels (Sec. III-B)."""
     maps = extractor.apply_fn(frozen['backbone'], batch['image'])
-    b = batch['image'].shape[0]
-    maps = [jax.image.resize(m, (b, feature_size, feature_size, m.shape[-1]), 'linear') for m in maps]
+    maps = [layers.resize(m, (feature_size, feature_size)) for m in maps]
     return {'features': jnp.concatenate(maps, axis=-1)}
 
   def features_of(batch, frozen):

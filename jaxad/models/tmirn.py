@@ -72,9 +72,8 @@ def _batch_norm(train: bool, dtype, name=None):
 
 def multiscale(images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """[B, S, S, C] -> (large S, medium S/2, small S/4) bilinear copies (Sec. III-A)."""
-  b, s, _, c = images.shape
-  resize = lambda n: jax.image.resize(images, (b, n, n, c), method='linear')
-  return images, resize(s // 2), resize(s // 4)
+  s = images.shape[1]
+  return images, layers.resize(images, (s // 2, s // 2)), layers.resize(images, (s // 4, s // 4))
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -338,8 +337,8 @@ class MTD(Arch):
       x = CBL(self.width(5), dtype=self.dtype, name='merge_5')(jnp.concatenate([x, skips[5]], -1), train)
     feats = {}
     for level in range(NUM_LEVELS - 1, -1, -1):  # 4 (S/16) ... 0 (S)
-      b, h, w, c = x.shape
-      x = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='linear')
+      h, w = x.shape[1:3]
+      x = layers.resize(x, (2 * h, 2 * w))
       if level in skips:
         x = jnp.concatenate([x, skips[level]], axis=-1)
       width = self.width(level) if level else max(self.base_width // 2, self.channels)
@@ -448,7 +447,7 @@ def image_residual(inputs, recons, weights, size: int) -> jax.Array:
 def feature_residual(enc_f, dec_f) -> jax.Array:
   """||F_e - F_d||_2 over the channels of all levels, each resized to the largest level's size."""
   size = enc_f[0].shape[1]
-  resize = lambda f: jax.image.resize(f, (f.shape[0], size, size, f.shape[-1]), method='linear')
+  resize = lambda f: layers.resize(f, (size, size))
   sq = sum(jnp.sum(jnp.square(resize(e) - resize(d)), axis=-1) for e, d in zip(enc_f, dec_f))
   return jnp.sqrt(sq + 1e-12)
 
