@@ -13,6 +13,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # The one root PRNG seed: params, partitions, data order, augmentation.
+  # Independent replicas trained together in one vmapped, jitted step: replica k is the run of seed
+  # seed + k (its init, training keys and data order), its outputs in <workdir>/seed_<seed + k>/.
+  c.num_seeds = 1
   c.batch_size = 16  # Global batch size, split over all devices of all processes.
   c.num_epochs = 10  # Passes over the training set (each epoch reshuffled from the seed).
   # Training phases as data: ((name, epochs), ...) in order, their epochs adding up to num_epochs; the

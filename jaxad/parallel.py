@@ -12,8 +12,9 @@ def make_mesh() -> Mesh:
   return Mesh(np.array(jax.devices()), ('data',))
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P('data'))
+def batch_sharding(mesh: Mesh, replica_axis: bool = False) -> NamedSharding:
+  """Rows over 'data'; with `replica_axis`, batches [K, B, ...] of K replicas, rows (axis 1) over 'data'."""
+  return NamedSharding(mesh, P(None, 'data') if replica_axis else P('data'))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -27,9 +28,9 @@ def check_batch_size(global_batch: int, mesh: Mesh, what: str = 'batch_size') ->
   return global_batch // jax.process_count()
 
 
-def shard_batch(local_batch: dict, mesh: Mesh) -> dict:
+def shard_batch(local_batch: dict, mesh: Mesh, replica_axis: bool = False) -> dict:
   """Global arrays from this process's slice of every global batch (multi-host ready)."""
-  sharding = batch_sharding(mesh)
+  sharding = batch_sharding(mesh, replica_axis)
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
 
 

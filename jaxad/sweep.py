@@ -4,6 +4,9 @@ A sweep file defines `get_sweep(arg=None) -> list[dict]`: one dict of config ove
 value) per point, usually `grid({...})` over a few fields. Every point runs once per seed, each in its
 own workdir `<workdir>/<field=value,...>/seed_<s>` through `python -m jaxad.main`, so a rerun skips
 finished runs (a readable metrics.json with a 'mean') and resumes unfinished ones from their checkpoints.
+With `--vmap_seeds` each point runs once, with config.num_seeds = --seeds (all its seeds in one
+vmapped program, jaxad/train.py), in `<workdir>/<field=value,...>`, which writes the same seed_<s>
+folders.
 
 Executors: `local` runs them here (`--parallel N` at a time), `print` prints one command per pending
 run, `slurm` writes `<workdir>/sweep.sbatch`, an array job with one task per pending run. A run that
@@ -39,6 +42,12 @@ _CONFIG = flags.DEFINE_string('config', None, 'Model config file, optionally wit
 _SWEEP = flags.DEFINE_string('sweep', None, 'Sweep file (configs/sweeps/*.py), optionally with :arg.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Sweep directory; default runs/sweeps/<sweep file name>.')
 _SEEDS = flags.DEFINE_integer('seeds', 1, 'Runs per point, with config.seed = 0 .. seeds-1.')
+_VMAP_SEEDS = flags.DEFINE_bool(
+  'vmap_seeds',
+  False,
+  'One run per point that trains all its seeds together (config.num_seeds = --seeds) instead of one '
+  'run per seed; the same seed_<s> outputs.',
+)
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', ['local', 'print', 'slurm'], 'Where runs go.')
 _PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at the same time.')
 _DEVICES_PER_RUN = flags.DEFINE_integer(
@@ -109,19 +118,28 @@ def check_fields(config, overrides: dict, where: str):
       node = node[part]
 
 
-def plan(config_arg: str, points: list[dict], seeds: int, workdir: str, base: dict) -> list[dict]:
-  """One entry per (point, seed): its workdir, overrides and jaxad.main arguments."""
+def plan(
+  config_arg: str, points: list[dict], seeds: int, workdir: str, base: dict, vmap_seeds: bool = False
+) -> list[dict]:
+  """One entry per (point, seed), or per point with `vmap_seeds`: its workdir, overrides, seeds, the
+  folders its metrics.json files go to (`outputs`, one per seed) and its jaxad.main arguments."""
   runs = []
   for overrides in points:
     name = point_name(overrides)
-    for seed in range(seeds):
-      run_dir = os.path.join(workdir, name, f'seed_{seed}')
-      values = {**base, **{k: format_value(v) for k, v in overrides.items()}, 'seed': str(seed)}
+    point_dir = os.path.join(workdir, name)
+    seed_dirs = [os.path.join(point_dir, f'seed_{seed}') for seed in range(seeds)]
+    if vmap_seeds:
+      groups = [(point_dir, list(range(seeds)), seed_dirs, {'seed': '0', 'num_seeds': str(seeds)})]
+    else:
+      groups = [(d, [seed], [d], {'seed': str(seed)}) for seed, d in enumerate(seed_dirs)]
+    for run_dir, run_seeds, outputs, seed_values in groups:
+      values = {**base, **{k: format_value(v) for k, v in overrides.items()}, **seed_values}
       runs.append(
         {
           'point': name,
           'overrides': overrides,
-          'seed': seed,
+          'seeds': run_seeds,
+          'outputs': outputs,
           'workdir': run_dir,
           'args': [
             '-m',
@@ -138,11 +156,13 @@ def plan(config_arg: str, points: list[dict], seeds: int, workdir: str, base: di
 
 
 def finished(run: dict) -> bool:
-  """Whether `run` has a complete metrics.json (readable, valid JSON with a 'mean' dict)."""
-  try:
-    writers.read_metrics(os.path.join(run['workdir'], 'metrics.json'))
-  except ValueError:
-    return False
+  """Whether every metrics.json of `run` (in its `outputs`, default its workdir) is complete (readable,
+  valid JSON with a 'mean' dict)."""
+  for out in run.get('outputs', [run['workdir']]):
+    try:
+      writers.read_metrics(os.path.join(out, 'metrics.json'))
+    except ValueError:
+      return False
   return True
 
 
@@ -359,7 +379,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
     'runs', 'sweeps', os.path.splitext(os.path.basename(_SWEEP.value.partition(':')[0]))[0]
   )
-  runs = plan(_CONFIG.value, points, _SEEDS.value, workdir, base)
+  runs = plan(_CONFIG.value, points, _SEEDS.value, workdir, base, _VMAP_SEEDS.value)
   os.makedirs(workdir, exist_ok=True)
   writers.atomic_write_json(
     os.path.join(workdir, 'sweep.json'),
@@ -369,20 +389,18 @@ def main(argv):
       'seeds': _SEEDS.value,
       'base': base,
       'fields': list(dict.fromkeys(k for p in points for k in p)),
+      'vmap_seeds': _VMAP_SEEDS.value,
       'runs': [
-        {
-          'point': r['point'],
-          'overrides': r['overrides'],
-          'seed': r['seed'],
-          'dir': os.path.relpath(r['workdir'], workdir),
-        }
+        {'point': r['point'], 'overrides': r['overrides'], 'seed': seed, 'dir': os.path.relpath(out, workdir)}
         for r in runs
+        for seed, out in zip(r['seeds'], r['outputs'])
       ],
     },
   )
   pending = [r for r in runs if not finished(r)]
   print(
-    f'{len(runs)} runs ({len(points)} points x {_SEEDS.value} seeds), {len(runs) - len(pending)} '
+    f'{len(runs)} runs ({len(points)} points x {_SEEDS.value} seeds'
+    f'{", the seeds of a point in one run" if _VMAP_SEEDS.value else ""}), {len(runs) - len(pending)} '
     f'finished, {len(pending)} to run.',
     file=sys.stderr,
   )

@@ -167,20 +167,29 @@ def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
   return [(name, int(end)) for (name, _), end in zip(phases, ends)]
 
 
-def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
+def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None, num_seeds: int = 1):
   """jit(step(run_state, batch, frozen, train_key_data)): batch sharded over 'data', state
   replicated and donated.
 
   The key (its `jax.random.key_data`, replicated) is an argument, not a constant, so runs that differ
   only in the seed share one compiled program (and the persistent compilation cache). With a
-  `phase`, the model's step is called with `phase=phase` (one compiled step per phase).
+  `phase`, the model's step is called with `phase=phase` (one compiled step per phase). With
+  `num_seeds` K > 1 the model's step is vmapped over K replicas: state, batch ([K, B, ...]) and key
+  data ([K, 2]) have a leading replica axis, the frozen constants and the step counter are shared,
+  and every metric is [K].
   """
   kwargs = {} if phase is None else {'phase': phase}
 
+  def replica_step(state, batch, frozen, train_key_data, step):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(train_key_data), step)
+    state, metrics = model.train_step(state, batch, rng, frozen, **kwargs)
+    return state, {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
+
+  if num_seeds > 1:
+    replica_step = jax.vmap(replica_step, in_axes=(0, 0, None, 0, None))
+
   def step(run_state: RunState, batch, frozen, train_key_data):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(train_key_data), run_state.step)
-    state, metrics = model.train_step(run_state.model, batch, rng, frozen, **kwargs)
-    metrics = {k: jnp.asarray(v, jnp.float32).mean() for k, v in metrics.items()}
+    state, metrics = replica_step(run_state.model, batch, frozen, train_key_data, run_state.step)
     return RunState(run_state.step + 1, state), metrics
 
   repl = parallel.replicated(mesh)
@@ -188,14 +197,45 @@ def make_train_step(model: models.AnomalyModel, mesh, phase: str | None = None):
 
 
 def init_run_state(model: models.AnomalyModel, example: dict, frozen, mesh, init_key) -> RunState:
+  """The state at step 0; for K replicas `init_key` holds K keys and `example` [K, ...] one per replica."""
+
+  def init_model(batch, frozen, init_key_data):
+    return model.init(jax.random.wrap_key_data(init_key_data), batch, frozen)
+
+  if init_key.shape:
+    init_model = jax.vmap(init_model, in_axes=(0, None, 0))
+
   def init(batch, frozen, init_key_data):
-    return RunState(
-      jnp.zeros((), jnp.int32), model.init(jax.random.wrap_key_data(init_key_data), batch, frozen)
-    )
+    return RunState(jnp.zeros((), jnp.int32), init_model(batch, frozen, init_key_data))
 
   return jax.jit(init, out_shardings=parallel.replicated(mesh))(
     example, frozen, parallel.replicate_key(init_key, mesh)
   )
+
+
+def replica_state(state, k: int):
+  """Replica k's model state out of the stacked state of a `config.num_seeds` > 1 run."""
+  return jax.tree.map(lambda x: x[k], state)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replica:
+  """One of the `config.num_seeds` models a run trains together."""
+
+  config: ml_collections.ConfigDict  # Its single-run config: seed = config.seed + k, num_seeds = 1.
+  workdir: str  # Its logs and outputs: <workdir>/seed_<seed>, or the workdir itself for one seed.
+
+
+def replicas(config: ml_collections.ConfigDict, workdir: str) -> list[Replica]:
+  """The replicas of a run: the run itself with one seed, else one per seed config.seed + k."""
+  if config.num_seeds == 1:
+    return [Replica(config, workdir)]
+  out = []
+  for k in range(config.num_seeds):
+    single = config.copy_and_resolve_references()
+    single.seed, single.num_seeds = config.seed + k, 1
+    out.append(Replica(single, os.path.join(workdir, f'seed_{single.seed}')))
+  return out
 
 
 def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -211,13 +251,16 @@ class Run:
 
   model: models.AnomalyModel
   frozen: Any  # The model's frozen constants, replicated.
-  source: Any  # The training source (with cached `precompute` outputs where the model has them).
+  # The training source (with cached `precompute` outputs where the model has them); replica 0's with
+  # several seeds (every replica's has its length).
+  source: Any
   iterator: Any  # The grain iterator; its position is saved in every checkpoint.
-  state: RunState
+  state: RunState  # With num_seeds > 1 every model-state leaf has a leading replica axis [K, ...].
   schedule: list[tuple[str | None, int]]  # phase_schedule: [(phase, end step)].
   steps: dict  # Phase -> jitted train step (make_train_step).
-  train_key: jax.Array  # Raw bits of the training key, replicated.
+  train_key: jax.Array  # Raw bits of the training key ([K, 2] for K seeds), replicated.
   mesh: Any
+  num_seeds: int = 1
 
   @property
   def total(self) -> int:
@@ -226,7 +269,19 @@ class Run:
   def next_batch(self) -> dict:
     """The next training batch, sharded over the mesh, without the evaluation-only keys."""
     batch = {k: v for k, v in next(self.iterator).items() if k not in _EVAL_ONLY_KEYS}
-    return parallel.shard_batch(batch, self.mesh)
+    return parallel.shard_batch(batch, self.mesh, replica_axis=self.num_seeds > 1)
+
+  def replica_states(self) -> list:
+    """Each replica's model state."""
+    if self.num_seeds == 1:
+      return [self.state.model]
+    return [replica_state(self.state.model, k) for k in range(self.num_seeds)]
+
+  def replica_metrics(self, host: dict) -> list[dict]:
+    """Each replica's metrics out of a step's (host) metrics."""
+    if self.num_seeds == 1:
+      return [host]
+    return [{name: v[k] for name, v in host.items()} for k in range(self.num_seeds)]
 
   def step(self, step: int, batch: dict) -> dict:
     """Runs training step `step` (its phase's compiled program) on `batch`; returns its metrics."""
@@ -236,26 +291,56 @@ class Run:
 
 
 def setup(config: ml_collections.ConfigDict, source, mesh) -> Run:
-  """The model, its data iterator over `source`, the initial state and the compiled steps of a run."""
+  """The model, its data iterator over `source`, the initial state and the compiled steps of a run.
+
+  With `config.num_seeds` = K > 1: K replicas in one program, replica k with seed config.seed + k;
+  `source` is one source they share or a list of K (one per replica, all of one length).
+  """
   jax.config.update('jax_threefry_partitionable', True)
   parallel.check_batch_size(config.batch_size, mesh)
-  model = build_model(config, pipeline.total_steps(len(source), config))
+  num_seeds = config.num_seeds
+  sources = list(source) if isinstance(source, (list, tuple)) else [source] * num_seeds
+  if len(sources) != num_seeds or len({len(s) for s in sources}) != 1:
+    raise ValueError(
+      f'num_seeds={num_seeds} needs one training source or {num_seeds} of one length, got '
+      f'{[len(s) for s in sources]}.'
+    )
+  model = build_model(config, pipeline.total_steps(len(sources[0]), config))
   frozen = parallel.replicate(model.frozen, mesh)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  keys = [jax.random.split(jax.random.key(config.seed + k)) for k in range(num_seeds)]
+  prepared = {}  # id(source) -> (source, example): replicas that share a source share this work.
+  for s in sources:
+    if id(s) not in prepared:
+      prepared[id(s)] = _prepare(model, frozen, s, config, mesh)
+  sources, examples = zip(*(prepared[id(s)] for s in sources))
+  iterator = pipeline.train_iterator(
+    list(sources) if num_seeds > 1 else sources[0],
+    config,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  if num_seeds == 1:
+    example, (init_key, train_key) = examples[0], keys[0]
+  else:
+    example = jax.tree.map(lambda *x: np.stack(x), *examples)
+    init_key, train_key = (jnp.stack(k) for k in zip(*keys))
+  state = init_run_state(model, example, frozen, mesh, init_key)
+  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(params_of(state.model)))
+  schedule = phase_schedule(config, len(sources[0]))
+  steps = {name: make_train_step(model, mesh, name, num_seeds) for name, _ in schedule}
+  train_key = parallel.replicate_key(train_key, mesh)
+  return Run(model, frozen, sources[0], iterator, state, schedule, steps, train_key, mesh, num_seeds)
+
+
+def _prepare(model: models.AnomalyModel, frozen, source, config, mesh) -> tuple[Any, dict]:
+  """(training source, example batch for `init`): the source with cached `precompute` outputs where
+  the model has them; the example one image plus what `model.prepare` chooses from the source."""
   if model.cached_keys and config.backbone.cache_features and pipeline.augmentation(config) is None:
     source = precompute_source(model, frozen, source, config, mesh)
-  iterator = pipeline.train_iterator(
-    source, config, process_index=jax.process_index(), process_count=jax.process_count()
-  )
   example = {k: v[None] for k, v in source[0].items() if k not in _EVAL_ONLY_KEYS}
   if model.prepare is not None:
     example.update(model.prepare(source))
-  state = init_run_state(model, example, frozen, mesh, init_key)
-  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(params_of(state.model)))
-  schedule = phase_schedule(config, len(source))
-  steps = {name: make_train_step(model, mesh, name) for name, _ in schedule}
-  train_key = parallel.replicate_key(train_key, mesh)
-  return Run(model, frozen, source, iterator, state, schedule, steps, train_key, mesh)
+  return source, example
 
 
 class CheckpointError(RuntimeError):
@@ -417,24 +502,39 @@ def train(
   mesh,
   eval_fn=None,
   stop_after: int | None = None,
+  replica_dirs: list[str] | None = None,
 ) -> tuple[models.AnomalyModel, Any, Any]:
   """Trains (or resumes) one model on `train_samples`; returns (model, model state, frozen).
 
   `stop_after`: end (with a checkpoint) after this many total steps, as a preempted run would.
+  With `config.num_seeds` = K > 1 the K replicas train together (`setup`): `train_samples` and
+  `eval_fn` may then be lists of K (one per replica), the returned state has a leading replica axis
+  (`replica_state`), the checkpoints of all replicas go to `<workdir>/checkpoints` and replica k's
+  log to `replica_dirs[k]` (default: the `replicas` folders, `<workdir>/seed_<seed>`).
   """
-  run = setup(config, pipeline.image_source(config, train_samples), mesh)
+  k = config.num_seeds
+  per_replica = train_samples if train_samples and isinstance(train_samples[0], list) else [train_samples] * k
+  eval_fns = eval_fn if isinstance(eval_fn, list) else [eval_fn] * k
+  replica_dirs = replica_dirs or [r.workdir for r in replicas(config, workdir)]
+  sources = {}  # Replicas with the same training samples share one source.
+  for samples in per_replica:
+    sources.setdefault(tuple(s.image_path for s in samples), pipeline.image_source(config, samples))
+  source = [sources[tuple(s.image_path for s in samples)] for samples in per_replica]
+  run = setup(config, source if k > 1 else source[0], mesh)
   mngr = checkpoint_manager(workdir, config)
   restore_latest(mngr, run)
-  drop_log_after(workdir, int(run.state.step))
-  writer = writers.MetricWriter(workdir)
+  for d in replica_dirs:
+    drop_log_after(d, int(run.state.step))
+  replica_writers = [writers.MetricWriter(d) for d in replica_dirs]
   # The handlers stay until the last checkpoint is on disk: a signal during that save waits for it.
   with _StopSignals() as stop:
     try:
-      loop(config, run, mngr, writer, stop, eval_fn, stop_after)
+      loop(config, run, mngr, replica_writers, stop, eval_fns, stop_after)
     finally:
       mngr.wait_until_finished()
       mngr.close()
-      writer.close()
+      for writer in replica_writers:
+        writer.close()
   if stop.received is not None:
     raise Preempted(
       f'{stop.received} after step {int(run.state.step)}: checkpoint saved in {mngr.directory}; '
@@ -443,32 +543,36 @@ def train(
   return run.model, run.state.model, run.frozen
 
 
-def loop(config, run: Run, mngr, writer, stop, eval_fn=None, stop_after: int | None = None) -> None:
+def loop(config, run: Run, mngr, replica_writers, stop, eval_fns=None, stop_after: int | None = None) -> None:
   """The training steps from the run's current step on; logs, checkpoints and evaluates by `Cadence`.
 
-  `stop` (a `_StopSignals`) records SIGTERM/SIGINT: the loop then saves a checkpoint and raises
-  Preempted.
+  `replica_writers` and `eval_fns` (or None) hold one per replica: each replica's scalars and
+  evaluations go to its own writer. `stop` (a `_StopSignals`) records SIGTERM/SIGINT: the loop then
+  saves a checkpoint and raises Preempted.
   """
   start, total = int(run.state.step), run.total
   end = total if stop_after is None else min(total, stop_after)
   steps_per_epoch = len(run.source) / config.batch_size
   phase_ends = frozenset(e for _, e in run.schedule)
-  eval_every = config.eval_every_epochs if eval_fn is not None else 0
+  evaluates = eval_fns is not None and eval_fns[0] is not None
+  eval_every = config.eval_every_epochs if evaluates else 0
   cadence = Cadence(
     config.log_every, config.checkpoint_every, total, end, phase_ends, steps_per_epoch, eval_every
   )
-  scalars = ScalarLog(writer, config.batch_size, start, phased=run.schedule[0][0] is not None)
+  phased = run.schedule[0][0] is not None
+  scalar_logs = [ScalarLog(w, config.batch_size, start, phased) for w in replica_writers]
 
   def check(step, metrics):
     host = jax.device_get(metrics)
-    bad = {k: v for k, v in host.items() if not np.isfinite(v)}
+    bad = {k: v for k, v in host.items() if not np.all(np.isfinite(v))}
     if bad:
       mngr.wait_until_finished()
       raise TrainingDiverged(
         f'Non-finite {bad} at step {step}; training stopped. Last good checkpoint: step '
         f'{mngr.latest_step()} in {mngr.directory}.'
       )
-    scalars.add(host)
+    for log, replica_host in zip(scalar_logs, run.replica_metrics(host)):
+      log.add(replica_host)
 
   pending = None  # The previous step's metrics, checked while this step runs.
   pbar = tqdm(total=total, initial=start, desc=f'train {config.model.name}', disable=jax.process_index() != 0)
@@ -483,12 +587,13 @@ def loop(config, run: Run, mngr, writer, stop, eval_fn=None, stop_after: int | N
         check(done, pending)
         pending = None
       if cadence.log(done):
-        logged = scalars.write(done, done / steps_per_epoch, done in phase_ends)
+        logged = [log.write(done, done / steps_per_epoch, done in phase_ends) for log in scalar_logs][0]
         pbar.set_postfix(loss=f'{logged["train/loss"]:.4g}', img_s=f'{logged["train/img_per_s"]:.1f}')
       if cadence.checkpoint(done, preempted):
         save(mngr, run, done)
       if cadence.evaluate(done):
-        writer.write_scalars(done, eval_fn(run.model, run.state.model, run.frozen, done))
+        for writer, fn, state in zip(replica_writers, eval_fns, run.replica_states()):
+          writer.write_scalars(done, fn(run.model, state, run.frozen, done))
       pbar.update(1)
       if preempted:
         mngr.wait_until_finished()
@@ -610,10 +715,12 @@ def calibrate(
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | list[dict]:
   """Trains and evaluates as the config says; writes config.json, metrics.json, results.md, heatmaps/.
 
-  Every check that can fail on the config or the data runs before the first step.
+  Every check that can fail on the config or the data runs before the first step. With
+  `config.num_seeds` > 1 the replicas train together (checkpoints in the workdir) and each writes a
+  single run's outputs to its `<workdir>/seed_<seed>/`; the result is then a list, one per replica.
   """
   evaluate.check_config(config)
   mesh = parallel.make_mesh()
@@ -625,33 +732,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_by_cat = {c: pipeline.scan(config, root, c, 'test') for c in categories}
   check_data(config, train_by_cat, test_by_cat)
   groups = {'': categories} if config.dataset.unified else {c: [c] for c in categories}
-  results = {}
+  reps = replicas(config, workdir)
+  results = [{} for _ in reps]
+  calibration_summaries = [{} for _ in reps]
   with workdir_lock(workdir):
     record = record_run(config, workdir, train_by_cat)
-    calibration_summary = {}
     for name, cats in groups.items():
       run_dir = os.path.join(workdir, name) if name else workdir
-      split = {
-        c: calibration.holdout_split(train_by_cat[c], config.calibration.holdout, config.seed) for c in cats
-      }
-      group_train = {c: split[c][0] for c in cats}
-      group_calib = {c: split[c][1] for c in cats}
+      dirs = [os.path.join(r.workdir, name) if name else r.workdir for r in reps]
+      splits = [
+        {
+          c: calibration.holdout_split(train_by_cat[c], r.config.calibration.holdout, r.config.seed)
+          for c in cats
+        }
+        for r in reps
+      ]
+      group_train = [{c: split[c][0] for c in cats} for split in splits]
+      group_calib = [{c: split[c][1] for c in cats} for split in splits]
       group_test = {c: test_by_cat[c] for c in cats}
-      train_samples = [s for c in cats for s in group_train[c]]
-      logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples))
-
-      def eval_fn(model, state, frozen, step, run_dir=run_dir, test=group_test, train_by_cat=group_train):
-        per_cat = evaluate.evaluate(
-          config, model, state, frozen, test, mesh, os.path.join(run_dir, f'eval_step{step}'), train_by_cat
+      train_samples = [[s for c in cats for s in by_cat[c]] for by_cat in group_train]
+      logging.info('Training %s on %s: %d images', config.model.name, cats, len(train_samples[0]))
+      eval_fns = [
+        functools.partial(_eval_scalars, r.config, group_test, mesh, d, by_cat)
+        for r, d, by_cat in zip(reps, dirs, group_train)
+      ]
+      model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fns, replica_dirs=dirs)
+      for k, r in enumerate(reps):
+        replica = state if len(reps) == 1 else replica_state(state, k)
+        calibrations = calibrate(
+          r.config, model, replica, frozen, group_train[k], group_calib[k], mesh, dirs[k]
         )
-        return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}
+        calibration_summaries[k].update({c: calibration.describe(x) for c, x in calibrations.items()})
+        results[k].update(
+          evaluate.evaluate(
+            r.config, model, replica, frozen, group_test, mesh, dirs[k], group_train[k], calibrations
+          )
+        )
+    for r, per_cat, summary in zip(reps, results, calibration_summaries):
+      provenance_now = {**record['environment'], 'seed': r.config.seed, 'data': record['data']}
+      evaluate.write_results(r.workdir, per_cat, r.config, provenance_now, summary)
+  return results[0] if len(reps) == 1 else results
 
-      model, state, frozen = train(config, run_dir, train_samples, mesh, eval_fn)
-      calibrations = calibrate(config, model, state, frozen, group_train, group_calib, mesh, run_dir)
-      calibration_summary.update({c: calibration.describe(k) for c, k in calibrations.items()})
-      results.update(
-        evaluate.evaluate(config, model, state, frozen, group_test, mesh, run_dir, group_train, calibrations)
-      )
-    provenance_now = {**record['environment'], 'seed': config.seed, 'data': record['data']}
-    evaluate.write_results(workdir, results, config, provenance_now, calibration_summary)
-  return results
+
+def _eval_scalars(config, test_by_cat, mesh, run_dir, train_by_cat, model, state, frozen, step) -> dict:
+  """The mean test metrics of `state` at `step` as eval/ scalars; heatmaps in <run_dir>/eval_step<step>."""
+  per_cat = evaluate.evaluate(
+    config, model, state, frozen, test_by_cat, mesh, os.path.join(run_dir, f'eval_step{step}'), train_by_cat
+  )
+  return {f'eval/{k}': v for k, v in evaluate.mean_metrics(per_cat).items()}

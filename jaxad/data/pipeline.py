@@ -147,20 +147,55 @@ def total_steps(num_examples: int, config) -> int:
   return steps
 
 
-def train_iterator(source, config, *, process_index: int, process_count: int):
-  """Batches of this process's slice of every global batch, reshuffled each epoch from config.seed.
+def train_batches(source, config, seed: int, *, process_index: int, process_count: int) -> grain.MapDataset:
+  """This process's slice of every global batch, reshuffled each epoch from `seed`, as a MapDataset.
 
   The order depends only on (seed, dataset, batch size, process count): not on the worker count.
   """
   local_batch = config.batch_size // process_count
-  ds = grain.MapDataset.source(source).shuffle(seed=config.seed).repeat(config.num_epochs)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(config.num_epochs)
   augment = augmentation(config)
   if augment is not None:
-    ds = ds.random_map(augment, seed=config.seed)
+    ds = ds.random_map(augment, seed=seed)
   synthesize = defects.synthesizer(config, source)
   if synthesize is not None:  # Artificial defects (RB-AE Eq. 1), after the augmentation.
-    ds = ds.random_map(synthesize, seed=int(np.random.SeedSequence([config.seed, 1]).generate_state(1)[0]))
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+    ds = ds.random_map(synthesize, seed=int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
+  return ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+
+
+class StackedBatches:
+  """grain data source: batch i of every replica's `train_batches`, stacked on a new leading axis."""
+
+  def __init__(self, datasets: list):
+    self.datasets = datasets
+
+  def __len__(self):
+    return len(self.datasets[0])
+
+  def __getitem__(self, index):
+    batches = [d[index] for d in self.datasets]
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+  def __repr__(self):
+    return f'StackedBatches(replicas={len(self.datasets)}, {self.datasets[0]!r})'
+
+
+def train_iterator(source, config, *, process_index: int, process_count: int):
+  """The training batches of `train_batches` from config.seed, as a (checkpointable) grain iterator.
+
+  With `config.num_seeds` = K > 1, batches [K, B, ...]: replica k's is exactly the batch the single
+  run with seed config.seed + k gets. `source` is then one source the replicas share, or a list of
+  K (one per replica).
+  """
+  k = config.num_seeds
+  sources = list(source) if isinstance(source, (list, tuple)) else [source] * k
+  datasets = [
+    train_batches(s, config, config.seed + i, process_index=process_index, process_count=process_count)
+    for i, s in enumerate(sources)
+  ]
+  if len({len(d) for d in datasets}) != 1:
+    raise ValueError(f'The {k} replicas have training sets of different sizes: {[len(s) for s in sources]}.')
+  ds = datasets[0] if k == 1 else grain.MapDataset.source(StackedBatches(datasets))
   it = ds.to_iter_dataset()
   if config.dataset.num_workers > 0:
     it = it.mp_prefetch(
