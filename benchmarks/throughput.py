@@ -11,7 +11,10 @@ SIVT's 'features'). The input pipeline itself is not timed.
 
 Compile times: `lower_s` traces and lowers the train step, `xla_compile_s` compiles it, or loads it
 when JAX's persistent compilation cache (`compilation_cache_dir` in the record) already holds it;
-`--compile_only` stops there.
+`score_lower_s` and `score_xla_compile_s` the same for the score step; each also as this process's CPU
+seconds (`*_cpu_s`: less sensitive to other jobs on a shared host). `--compile_only` stops there:
+
+  python benchmarks/throughput.py --config configs/tmirn.py:paper --compile_only
 
 Times: the median over --repeats of the seconds per step of --steps back-to-back steps, after
 --warmup steps, synchronised with block_until_ready. Inference times the model's `score`.
@@ -50,7 +53,9 @@ _PHASE = flags.DEFINE_string(
   'phase', None, 'Phase to time for models with config.phases (default: the last).'
 )
 _COMPILE_ONLY = flags.DEFINE_bool(
-  'compile_only', False, 'Only lower and compile the train step and report the times (no steps run).'
+  'compile_only',
+  False,
+  'Only lower and compile the train and score steps and report the times (no steps run).',
 )
 flags.mark_flags_as_required(['config'])
 
@@ -64,12 +69,16 @@ def _peak_memory() -> int | None:
   return max(peaks) if peaks and None not in peaks else None
 
 
-def _compile(fn, *args):
-  """(compiled, seconds to trace and lower, seconds for XLA to compile or load from the cache)."""
-  t0 = time.perf_counter()
+def _compile(fn, *args, prefix: str = '') -> tuple:
+  """(compiled, {lower_s, xla_compile_s: wall seconds to trace and lower, for XLA to compile or load
+  from the cache; lower_cpu_s, xla_compile_cpu_s: this process's CPU seconds of each}), keys prefixed."""
+  c0, t0 = time.process_time(), time.perf_counter()
   lowered = fn.lower(*args)
-  t1 = time.perf_counter()
-  return lowered.compile(), t1 - t0, time.perf_counter() - t1
+  c1, t1 = time.process_time(), time.perf_counter()
+  compiled = lowered.compile()
+  c2, t2 = time.process_time(), time.perf_counter()
+  times = {'lower_s': t1 - t0, 'xla_compile_s': t2 - t1, 'lower_cpu_s': c1 - c0, 'xla_compile_cpu_s': c2 - c1}
+  return compiled, {prefix + k: v for k, v in times.items()}
 
 
 def measure(
@@ -98,15 +107,18 @@ def measure(
   cached = bool(model.cached_keys) and 'image' not in run.source[0]  # Steps read cached features.
   batch = run.next_batch()
   phase = phase or run.schedule[-1][0]
-  step, lower_s, xla_compile_s = _compile(run.steps[phase], run.state, batch, frozen, train_key)
+  step, train_times = _compile(run.steps[phase], run.state, batch, frozen, train_key)
+  eval_batch = parallel.shard_batch(images, mesh)
+  score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
+  score, score_times = _compile(score_fn, run.state.model, eval_batch, frozen, prefix='score_')
   compiled = {
     'model': config.model.name,
     'device_kind': jax.devices()[0].device_kind,
     'batch': batch_size,
     'phase': phase,
-    'compile_s': lower_s + xla_compile_s,
-    'lower_s': lower_s,
-    'xla_compile_s': xla_compile_s,
+    'compile_s': train_times['lower_s'] + train_times['xla_compile_s'],
+    **train_times,
+    **score_times,
     'compilation_cache_dir': jax.config.jax_compilation_cache_dir,
     'jax_version': jax.__version__,
   }
@@ -123,9 +135,6 @@ def measure(
     jax.block_until_ready(train_once())
   train_s = perf.median_seconds(train_once, steps, repeats)
 
-  eval_batch = parallel.shard_batch(images, mesh)
-  score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
-  score, *score_times = _compile(score_fn, state.model, eval_batch, frozen)
   for _ in range(warmup):
     jax.block_until_ready(score(state.model, eval_batch, frozen))
   infer_s = perf.median_seconds(lambda: score(state.model, eval_batch, frozen), steps, repeats)
@@ -161,7 +170,7 @@ def measure(
     'infer_img_per_s': batch_size / infer_s,
     'train_step_ms': 1e3 * train_s,
     'infer_step_ms': 1e3 * infer_s,
-    'infer_compile_s': sum(score_times),
+    'infer_compile_s': score_times['score_lower_s'] + score_times['score_xla_compile_s'],
     'peak_memory_bytes': _peak_memory(),
     'flops_source': 'analytic' if use_analytic else 'xla',
     'train_flops_per_step': train_flops,

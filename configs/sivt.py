@@ -31,6 +31,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.sivt.decoder_depth = 2  # Transformer blocks of the decoder.
   c.sivt.num_heads = 4  # Attention heads (head dim = width / num_heads).
   c.sivt.mlp_ratio = 4.0  # MLP hidden width / token width.
+  # The encoder's and decoder's blocks as one nn.scan each over stacked params: XLA compiles each
+  # block once (docs/performance.md, Compile time). Changes the parameter layout of checkpoints.
+  c.sivt.scan_blocks = True
   c.sivt.cosine_weight = 1.0  # lambda of Eq. 2 (L2 + lambda * (1 - cos)).
   c.sivt.smoothing_sigma = 4.0  # Gaussian sigma (pixels at image_size) for the final map.
   c.sivt.test_partition_seed = 0  # Seed of the fixed induction partitions used at test time.

@@ -73,6 +73,17 @@ def scoring_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return EVALUATION_FIELDS + tuple(f'{name}.{f}' for f in getattr(module, 'SCORING_FIELDS', ()))
 
 
+def layout_fields(config: ml_collections.ConfigDict) -> dict:
+  """{'<model>.<field>': value a record without the field implies} of the model's `LAYOUT_FIELDS`:
+  fields that change the parameter layout of its checkpoints (e.g. `scan_blocks`)."""
+  name = config.model.name
+  try:
+    module = importlib.import_module(f'jaxad.models.{name}')
+  except ImportError:
+    return {}
+  return {f'{name}.{f}': v for f, v in getattr(module, 'LAYOUT_FIELDS', {}).items()}
+
+
 def data_fingerprint(samples_by_category: dict) -> dict:
   """Count and digest of the training files: category, file name and size of each.
 
@@ -152,7 +163,8 @@ def differences(recorded: dict, current: dict, ignored: tuple[str, ...]) -> dict
 def check_rerun(path: str, current: dict, config: ml_collections.ConfigDict) -> dict:
   """Compares the recorded run at `path` (config.json) with `current`; returns the differences.
 
-  Raises ConfigMismatch listing them unless `config.allow_config_change` is set. No record: {}.
+  Raises ConfigMismatch listing them unless `config.allow_config_change` is set, and always for the
+  model's `LAYOUT_FIELDS` (its checkpoints could not be restored). No record: {}.
   """
   if not os.path.exists(path):
     return {}
@@ -164,7 +176,18 @@ def check_rerun(path: str, current: dict, config: ml_collections.ConfigDict) -> 
       f'{path} is unreadable ({e}): this workdir cannot be checked against the config. Use a new '
       '--workdir, or remove the file to continue this one.'
     ) from e
+  layout = layout_fields(config)
+  # Records from before a layout field existed were written in the layout its old value gives.
+  recorded = {**recorded, 'config': {**layout, **recorded.get('config', {})}}
   diff = differences(recorded, current, scoring_fields(config))
+  changed_layout = {k: diff[k] for k in layout if k in diff}
+  if changed_layout:
+    lines = '\n'.join(f'  {k}: {old!r} -> {new!r}' for k, (old, new) in changed_layout.items())
+    flags = ' '.join(f'--config.{k}={old}' for k, (old, _) in changed_layout.items())
+    raise ConfigMismatch(
+      f'{os.path.dirname(path) or "."} holds checkpoints in another parameter layout:\n{lines}\n'
+      f'Pass {flags} to resume or evaluate this run, or use a new --workdir.'
+    )
   if diff and not config.allow_config_change:
     lines = '\n'.join(f'  {k}: {old!r} -> {new!r}' for k, (old, new) in diff.items())
     raise ConfigMismatch(

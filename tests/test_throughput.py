@@ -89,7 +89,10 @@ def test_compile_only_reports_compile_times_and_runs_no_step():
     check=True,
   ).stdout
   r = json.loads(out.strip().splitlines()[-1])
-  assert r['lower_s'] > 0 and r['xla_compile_s'] > 0 and 'train_img_per_s' not in r
+  assert 'train_img_per_s' not in r
+  for step in ('', 'score_'):
+    for part in ('lower', 'xla_compile'):
+      assert r[f'{step}{part}_s'] > 0 and r[f'{step}{part}_cpu_s'] > 0, (step, part)
 
 
 def test_xla_flops_and_mfu_of_a_matmul():

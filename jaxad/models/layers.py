@@ -1,6 +1,8 @@
 """Layers shared by several models: ViT blocks, positional embeddings, map smoothing and resizing."""
 
 import functools
+import re
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -74,6 +76,46 @@ class Block(nn.Module):
     x = x + attn(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
     hidden = int(x.shape[-1] * self.mlp_ratio)
     return x + Mlp(hidden, self.dtype)(nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x))
+
+
+def repeat_blocks(
+  make_block: Callable[[str], nn.Module], depth: int, scan: bool, name: str
+) -> Callable[[jax.Array], jax.Array]:
+  """x -> `depth` blocks `make_block(name)` (each x -> x, params only) applied in turn.
+
+  Call inside a compact `__call__`. Unrolled (`scan=False`): the blocks are submodules `{name}_{i}`.
+  Scanned: one submodule `name` whose params carry a leading axis of size `depth`, applied by
+  `nn.scan`, so XLA compiles the block once instead of `depth` times (`stack_block_params` maps
+  the unrolled params onto this layout).
+  """
+  if not scan:
+    blocks = [make_block(f'{name}_{i}') for i in range(depth)]
+    return lambda x: functools.reduce(lambda y, block: block(y), blocks, x)
+  if depth == 0:
+    return lambda x: x
+  body = nn.scan(
+    lambda block, x, _: (block(x), None),
+    variable_axes={'params': 0},
+    split_rngs={'params': True},
+    length=depth,
+  )
+  block = make_block(name)
+  return lambda x: body(block, x, None)[0]
+
+
+def stack_block_params(params: Any, name: str) -> Any:
+  """Unrolled params (`{name}_0` ... `{name}_{n-1}` at any depth of the tree) in the scanned layout of
+  `repeat_blocks`: one entry `name` holding each leaf stacked along a new leading axis."""
+  if not isinstance(params, dict):
+    return params
+  pattern = re.compile(rf'{re.escape(name)}_(\d+)')
+  numbered = {int(m.group(1)): v for k, v in params.items() if (m := pattern.fullmatch(k))}
+  out = {k: stack_block_params(v, name) for k, v in params.items() if not pattern.fullmatch(k)}
+  if numbered:
+    if sorted(numbered) != list(range(len(numbered))):
+      raise ValueError(f'{name}_<i> blocks {sorted(numbered)} are not numbered 0 ... n-1')
+    out[name] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(numbered[i] for i in range(len(numbered))))
+  return out
 
 
 def patchify(x: jax.Array, p: int) -> jax.Array:

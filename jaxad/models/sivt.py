@@ -22,6 +22,9 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 # Config fields of the `sivt` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
 SCORING_FIELDS = ('smoothing_sigma', 'test_partition_seed', 'test_partitions')
+# Config fields that change the parameter layout, with the value a record without them implies: a run
+# is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
+LAYOUT_FIELDS = {'scan_blocks': False}
 
 
 class SelfInductionViT(nn.Module):
@@ -36,6 +39,13 @@ class SelfInductionViT(nn.Module):
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
+  scan_blocks: bool = False  # layers.repeat_blocks: each stack's block compiled once.
+
+  def blocks(self, depth: int, name: str):
+    block = lambda n: layers.Block(
+      self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=n
+    )
+    return layers.repeat_blocks(block, depth, self.scan_blocks, name)
 
   @nn.compact
   def __call__(self, features: jax.Array, partition: jax.Array) -> jax.Array:
@@ -58,10 +68,7 @@ class SelfInductionViT(nn.Module):
     phi = jnp.where(member[:, None, :, None], induction.astype(x.dtype), x[None])
     # Line 7: encode every Phi_i with one shared encoder.
     z = phi.reshape(self.num_subsets * b, num_tokens, self.width)
-    for i in range(self.encoder_depth):
-      z = layers.Block(
-        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'encoder_{i}'
-      )(z)
+    z = self.blocks(self.encoder_depth, 'encoder')(z)
     z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='encoder_norm')(z)
     z = z.reshape(self.num_subsets, b, num_tokens, self.width)
     # Lines 8-10: keep the induction tokens of each Phi_i and reassemble Z_X*.
@@ -69,10 +76,7 @@ class SelfInductionViT(nn.Module):
     self.sow('intermediates', 'induction_latent', z_star)
     # Line 11: F~ = Dec(Z_X*).
     y = nn.Dense(self.width, dtype=self.dtype, name='decoder_embed')(z_star) + pos
-    for i in range(self.decoder_depth):
-      y = layers.Block(
-        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'decoder_{i}'
-      )(y)
+    y = self.blocks(self.decoder_depth, 'decoder')(y)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(y)
     y = nn.Dense(p * p * c, dtype=self.dtype, name='decoder_pred')(y)
     y = layers.unpatchify(y, gh, gw, p, c)
@@ -116,6 +120,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     cfg.mlp_ratio,
     ctx.dtype,
     attention_implementation=ctx.attention_implementation,
+    scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
   )
   tx = ctx.make_optimizer()
   test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)

@@ -50,6 +50,9 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 # Config fields of the `tmirn` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
 SCORING_FIELDS = ('scale_weights', 'score_parts', 'smooth_kernels', 'image_smoothing_sigma')
+# Config fields that change the parameter layout, with the value a record without them implies: a run
+# is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
+LAYOUT_FIELDS = {'scan_blocks': False}
 
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
@@ -181,6 +184,7 @@ class ViTModule(nn.Module):
   pool_tokens: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  scan_blocks: bool = False  # layers.repeat_blocks: the PVT block compiled once per module.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -188,10 +192,8 @@ class ViTModule(nn.Module):
     pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, h, w, c))
     pool = max(1, h // self.pool_tokens)
     heads = max(1, c // self.head_dim)
-    y = x + pos.astype(x.dtype)
-    for i in range(self.depth):
-      y = PVTBlock(heads, pool, self.mlp_ratio, self.dtype, name=f'block_{i}')(y)
-    return x + y
+    block = lambda n: PVTBlock(heads, pool, self.mlp_ratio, self.dtype, name=n)
+    return x + layers.repeat_blocks(block, self.depth, self.scan_blocks, 'block')(x + pos.astype(x.dtype))
 
 
 class Arch(nn.Module):
@@ -203,13 +205,16 @@ class Arch(nn.Module):
   pool_tokens: int = 7
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  scan_blocks: bool = False  # ViTModule.scan_blocks.
 
   def width(self, level: int) -> int:
     """Channels at encoder level `level` (1: S/2 ... 5: S/32)."""
     return self.base_width * 2 ** (level - 1)
 
   def vit(self, name):
-    return ViTModule(self.vit_depth, self.head_dim, self.pool_tokens, self.mlp_ratio, self.dtype, name=name)
+    return ViTModule(
+      self.vit_depth, self.head_dim, self.pool_tokens, self.mlp_ratio, self.dtype, self.scan_blocks, name=name
+    )
 
 
 class MTFE(Arch):
@@ -271,6 +276,7 @@ class Encoder(Arch):
       pool_tokens=self.pool_tokens,
       mlp_ratio=self.mlp_ratio,
       dtype=self.dtype,
+      scan_blocks=self.scan_blocks,
     )
     per_scale = [
       MTFE(**kw, first_level=i + 1, name=f'mtfe_{n}')(x.astype(self.dtype), train)
@@ -373,6 +379,7 @@ class Generator(Arch):
       pool_tokens=self.pool_tokens,
       mlp_ratio=self.mlp_ratio,
       dtype=self.dtype,
+      scan_blocks=self.scan_blocks,
     )
     large, fused = Encoder(**kw, use_maff=self.use_maff, name='encoder')(multiscale(images), train)
     z_high = fused[2]
@@ -401,6 +408,7 @@ class Discriminator(Arch):
       pool_tokens=self.pool_tokens,
       mlp_ratio=self.mlp_ratio,
       dtype=self.dtype,
+      scan_blocks=self.scan_blocks,
     )
     _, (_, _, z_high) = Encoder(**kw, use_maff=self.use_maff, name='encoder')(scales, train)
     pooled = jnp.mean(z_high.astype(jnp.float32), axis=(1, 2))
@@ -484,6 +492,7 @@ def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generat
     mlp_ratio=cfg.mlp_ratio,
     dtype=ctx.dtype,
     use_maff=cfg.use_maff,
+    scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
   )
   gen = Generator(
     base_width=cfg.base_width,

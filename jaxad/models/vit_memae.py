@@ -35,6 +35,9 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 # Config fields of the `vit_memae` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
 SCORING_FIELDS = ('map_ssim_weight', 'smoothing_sigma')
+# Config fields that change the parameter layout, with the value a record without them implies: a run
+# is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
+LAYOUT_FIELDS = {'scan_blocks': False}
 
 
 def hard_shrink(w: jax.Array, threshold: float, eps: float = 1e-12) -> jax.Array:
@@ -183,6 +186,7 @@ class ViTEncoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
+  scan_blocks: bool = False  # layers.repeat_blocks: the block compiled once.
 
   @nn.compact
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -197,10 +201,10 @@ class ViTEncoder(nn.Module):
     pos = self.param('pos_embed', nn.initializers.normal(0.02), (1, gh * gw + 1, self.width))
     z = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)).astype(tokens.dtype), tokens], 1)
     z = z + pos.astype(z.dtype)
-    for i in range(self.depth):
-      z = layers.Block(
-        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'block_{i}'
-      )(z)
+    block = lambda n: layers.Block(
+      self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=n
+    )
+    z = layers.repeat_blocks(block, self.depth, self.scan_blocks, 'block')(z)
     z = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(z)
     return z[:, 1:].reshape(b, gh, gw, self.width), z[:, 0]
 
@@ -246,6 +250,7 @@ class ViTMemAE(nn.Module):
   ca_reduction: int = 32
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
+  scan_blocks: bool = False  # ViTEncoder.scan_blocks.
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -258,6 +263,7 @@ class ViTMemAE(nn.Module):
       self.mlp_ratio,
       self.dtype,
       self.attention_implementation,
+      self.scan_blocks,
       name='encoder',
     )(x)
     weights = None
@@ -290,6 +296,7 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> ViTMemAE:
     ca_reduction=cfg.ca_reduction,
     dtype=ctx.dtype,
     attention_implementation=ctx.attention_implementation,
+    scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
   )
 
 

@@ -1,0 +1,167 @@
+"""`<model>.scan_blocks`: scanned and unrolled blocks give the same losses, updates and scores on a fixed
+batch when the scanned model gets the unrolled weights (layers.stack_block_params)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import override
+
+from configs import sivt as sivt_config
+from configs import tmirn as tmirn_config
+from configs import vit_memae as vit_memae_config
+from jaxad import provenance, train
+from jaxad.models import layers
+
+
+def _tmirn():
+  c = tmirn_config.get_config()
+  return override(
+    c,
+    **{
+      'dataset.image_size': 64,
+      'batch_size': 2,
+      'tmirn.base_width': 4,
+      'tmirn.disc_base_width': 4,
+      'tmirn.vit_depth': 2,
+      'tmirn.disc_vit_depth': 2,  # The gradient penalty differentiates D's scanned blocks twice.
+      'tmirn.head_dim': 4,
+      'tmirn.pool_tokens': 2,
+      'tmirn.latent_dim': 8,
+      'tmirn.ssim_filter_size': 3,
+    },
+  ), ('block',)
+
+
+def _sivt():
+  c = sivt_config.get_config()
+  return override(
+    c,
+    **{
+      'batch_size': 2,
+      'backbone.weights': 'random',
+      'sivt.feature_size': 8,
+      'sivt.width': 32,
+      'sivt.encoder_depth': 3,
+      'sivt.decoder_depth': 2,
+      'sivt.num_heads': 2,
+    },
+  ), ('encoder', 'decoder')
+
+
+def _vit_memae():
+  c = vit_memae_config.get_config()
+  return override(
+    c,
+    **{
+      'dataset.image_size': 32,
+      'batch_size': 2,
+      'vit_memae.width': 32,
+      'vit_memae.depth': 3,
+      'vit_memae.num_heads': 2,
+      'vit_memae.num_memory': 10,
+      'vit_memae.decoder_channels': (8, 8, 8, 8, 8, 8),
+      'vit_memae.ssim_filter_size': 3,
+    },
+  ), ('block',)
+
+
+def _states(state):
+  """The TrainStates of a model state (a TrainState or a dict of them), by name."""
+  return state if isinstance(state, dict) else {'': state}
+
+
+def _to_scanned(unrolled, scanned, names):
+  """`scanned` (a fresh scanned-layout state) holding `unrolled`'s weights and statistics."""
+  out = {}
+  for key, ts in _states(scanned).items():
+    src = _states(unrolled)[key]
+    params = src.params
+    for name in names:
+      params = layers.stack_block_params(params, name)
+    assert jax.tree.structure(params) == jax.tree.structure(ts.params)
+    new = ts.replace(params=params, opt_state=ts.tx.init(params))
+    if hasattr(src, 'batch_stats'):
+      new = new.replace(batch_stats=src.batch_stats)
+    out[key] = new
+  return out if isinstance(scanned, dict) else out['']
+
+
+def _stacked_params(state, names):
+  out = {}
+  for key, ts in _states(state).items():
+    params = ts.params
+    for name in names:
+      params = layers.stack_block_params(params, name)
+    out[key] = params
+  return out
+
+
+@pytest.mark.parametrize('make_config', [_tmirn, _sivt, _vit_memae], ids=['tmirn', 'sivt', 'vit_memae'])
+def test_scanned_blocks_equal_unrolled(make_config):
+  config, names = make_config()
+  rng = np.random.default_rng(0)
+  models = {}
+  for scan in (False, True):
+    c, _ = make_config()
+    c[c.model.name].scan_blocks = scan
+    models[scan] = train.build_model(c, total_steps=10)
+  model = models[False]
+  size, channels = config.dataset.image_size, config.dataset.channels
+  batch = {'image': jnp.asarray(rng.uniform(0, 1, (2, size, size, channels)), jnp.float32)}
+  if model.precompute is not None:
+    batch = {'image': batch['image'], **model.precompute(batch, model.frozen)}
+  init_key, step_key = jax.random.split(jax.random.key(1))
+  unrolled = model.init(init_key, batch, model.frozen)
+  scanned = _to_scanned(unrolled, models[True].init(init_key, batch, models[True].frozen), names)
+  # The scanned layout is a stack: fewer top-level entries, one leading axis per stacked block.
+  assert len(jax.tree.leaves(scanned)) < len(jax.tree.leaves(unrolled))
+
+  results = {}
+  for scan, state in ((False, unrolled), (True, scanned)):
+    m = models[scan]
+    new_state, step_metrics = jax.jit(m.train_step)(state, batch, step_key, m.frozen)
+    maps, scores = jax.jit(m.score)(new_state, batch, m.frozen)
+    results[scan] = (step_metrics, _stacked_params(new_state, names), maps, scores)
+  (m0, p0, maps0, s0), (m1, p1, maps1, s1) = results[False], results[True]
+  assert set(m0) == set(m1)
+  for k in m0:
+    np.testing.assert_allclose(np.asarray(m1[k]), np.asarray(m0[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), p0, p1)
+  np.testing.assert_allclose(np.asarray(maps1), np.asarray(maps0), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(s1), np.asarray(s0), rtol=2e-5, atol=1e-6)
+
+
+def test_stack_block_params_stacks_numbered_blocks_only():
+  params = {
+    'encoder_0': {'w': jnp.zeros(2)},
+    'encoder_1': {'w': jnp.ones(2)},
+    'encoder_norm': {'scale': jnp.ones(3)},
+    'inner': {'encoder_0': {'w': jnp.full(2, 5.0)}},
+  }
+  out = layers.stack_block_params(params, 'encoder')
+  assert sorted(out) == ['encoder', 'encoder_norm', 'inner']
+  np.testing.assert_array_equal(out['encoder']['w'], [[0, 0], [1, 1]])
+  np.testing.assert_array_equal(out['inner']['encoder']['w'], [[5, 5]])
+  with pytest.raises(ValueError, match='not numbered'):
+    layers.stack_block_params({'encoder_0': {'w': 0}, 'encoder_2': {'w': 1}}, 'encoder')
+
+
+def test_a_run_in_the_other_parameter_layout_is_refused_with_the_flag_to_pass(tmp_path):
+  """Checkpoints of one layout cannot be restored into the other: even allow_config_change refuses, and
+  a record from before the switch existed counts as unrolled."""
+  path = str(tmp_path / 'config.json')
+  config, _ = _sivt()
+  config.allow_config_change = True
+  old = provenance.flat_config(config)
+  del old['sivt.scan_blocks']  # A record written before the switch existed.
+  with open(path, 'w') as f:
+    json.dump({'config': old, 'data': {}}, f)
+  current = {'config': provenance.flat_config(config), 'data': {}}
+  assert config.sivt.scan_blocks
+  with pytest.raises(provenance.ConfigMismatch, match=r'--config\.sivt\.scan_blocks=False'):
+    provenance.check_rerun(path, current, config)
+  config.sivt.scan_blocks = False
+  assert provenance.check_rerun(path, {'config': provenance.flat_config(config), 'data': {}}, config) == {}
