@@ -7,8 +7,9 @@ import optax
 import pytest
 from conftest import REALAD, override, tiny_folder_config
 
+import jaxad
 from configs import mask_vitgan as mask_vitgan_config
-from jaxad import parallel, train
+from jaxad import calibration, models, parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import layers, mask_vitgan
 
@@ -53,16 +54,20 @@ def test_structure_warmup_must_be_ordered():
 
 def test_error_map_selection_rules():
   e = np.zeros((2, 3, 4, 4), np.float32)
-  e[0, 0] = 1.0  # Image 0: scale 0 has the largest mean error.
-  e[0, 1] = 0.4
-  e[0, 2] = 0.4
-  e[1, 0] = 0.5  # Image 1: scale 2 is furthest below the mean over scales.
-  e[1, 1] = 0.5
-  e[1, 2] = 0.0
+  e[0] = np.array([1.0, 0.4, 0.4])[:, None, None]  # average(E_i) of image 0: (1.0, 0.4, 0.4)
+  e[1] = np.array([0.5, 0.5, 0.0])[:, None, None]  # and of image 1: (0.5, 0.5, 0.0)
   e = jnp.asarray(e)
-  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'eq8'), e[jnp.arange(2), jnp.array([0, 0])])
+  mu = jnp.array([0.9, 0.1, 0.2])  # Per-scale reference mu_i of the normal training images.
+  pick = lambda f: e[jnp.arange(2), jnp.array(f)]
+  # Eq. 8: average(E_i) - mu_i = (0.1, 0.3, 0.2) and (-0.4, 0.4, -0.2): scale 1 for both images, where
+  # the per-image mean over the scales as mu (the same for every scale) would pick argmax average(E_i),
+  # scale 0.
+  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'eq8', mu), pick([1, 1]))
+  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'eq8', jnp.zeros(3)), pick([0, 0]))
+  # |average(E_i) - mu_i|: image 1 has a tie between scales 0 and 1 (0.4); argmax takes the first.
+  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'distance', mu), pick([1, 0]))
   np.testing.assert_array_equal(
-    mask_vitgan.select_error_map(e, 'distance'), e[jnp.arange(2), jnp.array([0, 2])]
+    mask_vitgan.select_error_map(e, 'distance', jnp.array([0.9, 0.1, 0.5])), pick([1, 2])
   )
   np.testing.assert_allclose(mask_vitgan.select_error_map(e, 'mean'), e.mean(axis=1))
 
@@ -86,8 +91,13 @@ def test_score_merges_each_pair_over_its_masked_areas():
   g = jax.tree.map(jnp.zeros_like, state['g'].params)
   g['generator']['out_conv']['bias'] = jnp.full((3,), 0.25)
   state['g'] = state['g'].replace(params=g)
-  maps, scores = jax.jit(model.score)(state, {'image': x}, {})
-  np.testing.assert_allclose(maps, jnp.mean(jnp.abs(x - 0.75), axis=-1), atol=1e-6)
+  error = jnp.mean(jnp.abs(x - 0.75), axis=-1)
+  reference = jax.jit(model.reference)(state, {'image': x}, {})
+  np.testing.assert_allclose(
+    reference['mu'], jnp.repeat(error.mean(axis=(1, 2))[:, None], 3, axis=1), atol=1e-6
+  )
+  maps, scores = jax.jit(model.score)(models.with_reference(state, {'mu': np.zeros(3)}), {'image': x}, {})
+  np.testing.assert_allclose(maps, error, atol=1e-6)
   np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)
 
 
@@ -208,14 +218,39 @@ def _smoke(config, workdir):
     config.dataset.channels,
   )
   images = np.stack([test[i]['image'] for i in range(2)])
-  maps, scores = jax.jit(model.score)(state, {'image': images}, frozen)
+  maps, scores = jax.jit(model.score)(
+    models.with_reference(state, {'mu': np.zeros(3)}), {'image': images}, frozen
+  )
   assert maps.shape == (2, 64, 64) and scores.shape == (2,)
   assert np.all(np.isfinite(maps))
   return state
 
 
-def test_default_config_one_step_through_harness(tiny_dataset, tmp_path):
-  _smoke(tiny_config(tiny_dataset), tmp_path)
+def test_reference_mu_is_fitted_per_category_and_restored_by_load(tiny_dataset, tmp_path):
+  """The default config through the harness, one model for both categories (3 steps): each category's
+  mu_i is the mean of average(E_i) over its own training images, saved with its calibration and the
+  one that jaxad.load scores with."""
+  config = tiny_config(tiny_dataset)
+  train.train_and_evaluate(config, str(tmp_path))
+  detector = jaxad.load(str(tmp_path))
+  categories = folder.list_categories(tiny_dataset)
+  assert detector.categories == categories
+  model = train.build_model(config, 1)
+  state = detector._runs[categories[0]].state  # Restored from the checkpoint; one for both categories.
+  mus = {}
+  for category in categories:
+    samples = pipeline.scan(config, tiny_dataset, category, 'train')
+    source = pipeline.ImageSource(samples, 64, 3)
+    images = np.stack([source[i]['image'] for i in range(len(source))])
+    want = np.mean(jax.jit(model.reference)(state, {'image': images}, {})['mu'], axis=0)
+    mus[category] = detector.calibrations[category].reference['mu']
+    np.testing.assert_allclose(mus[category], want, rtol=1e-5)
+    assert calibration.load(str(tmp_path), category).reference['mu'].shape == (3,)
+    test = pipeline.ImageSource(pipeline.scan(config, tiny_dataset, category, 'test'), 64, 3)
+    x = np.stack([test[i]['image'] for i in range(4)])
+    maps, _ = jax.jit(model.score)(models.with_reference(state, {'mu': want}), {'image': x}, {})
+    np.testing.assert_allclose(detector.predict(x, category=category).maps, maps, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(*mus.values())
 
 
 @pytest.mark.slow  # minutes: compiles 47 unrolled blocks.

@@ -24,10 +24,12 @@ Fusion", Sensors 2023. Results and deviations: docs/models/mask_vitgan.md.
   generator step `start`, rising linearly to 1 at `end` (started with w = 1, the small default
   generator can stall at one input-independent output on the embedded data).
 * Test (Sec. 2.4.2, Eq. 6-9): all six masked copies are reconstructed; each complementary pair is
-  merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| (channel mean);
-  the final map is E_f with f = argmax_i (mean(E_i) - mu) where mu is the mean over the three
-  scales of mean(E_i) (Eq. 8; `select` offers the |.| reading and the plain average too); the
-  image score is the maximum of the Gaussian-smoothed final map.
+  merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| or (O_i - I)^2
+  (`error`, channel mean); the final map is E_f with f = argmax_i (average(E_i) - mu_i), where mu_i
+  is the per-scale reference: the mean of average(E_i) over the category's normal training images,
+  as SCADN keeps it (the `reference` hook; the harness stores it in the category's calibration).
+  `select` offers the |.| reading and the plain average too. The image score is the mean or the
+  maximum (`image_score`) of the final map, Gaussian-smoothed when `smoothing_sigma` > 0.
 """
 
 import flax.linen as nn
@@ -206,16 +208,20 @@ def consistency_loss(
   return con, {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
 
 
-def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
-  """errors [B, S, H, W] -> final map [B, H, W] (Eq. 8-9)."""
-  avg = jnp.mean(errors, axis=(2, 3))  # average(E_i)  [B, S]
-  mu = jnp.mean(avg, axis=1, keepdims=True)  # reference over the scales
+def select_error_map(errors: jax.Array, rule: str, mu: jax.Array | None = None) -> jax.Array:
+  """errors [B, S, H, W] -> final map [B, H, W] (Eq. 8-9).
+
+  mu [S]: the per-scale reference mu_i, the mean of average(E_i) over the normal training images
+  (`reference` in `build`); 'eq8' picks f = argmax_i (average(E_i) - mu_i), 'distance' the scale
+  furthest from its reference either way, 'mean' averages the three maps (mu unused).
+  """
   if rule == 'mean':
     return jnp.mean(errors, axis=1)
+  offset = jnp.mean(errors, axis=(2, 3)) - mu  # average(E_i) - mu_i  [B, S]
   if rule == 'eq8':
-    f = jnp.argmax(avg - mu, axis=1)
+    f = jnp.argmax(offset, axis=1)
   elif rule == 'distance':
-    f = jnp.argmax(jnp.abs(avg - mu), axis=1)
+    f = jnp.argmax(jnp.abs(offset), axis=1)
   else:
     raise ValueError(f"Unknown select rule {rule!r}; expected 'eq8', 'distance' or 'mean'.")
   return jnp.take_along_axis(errors, f[:, None, None, None], axis=1)[:, 0]
@@ -334,17 +340,25 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     recon = recon.reshape((b, num_scales, 2) + x.shape[1:])
     return jnp.sum(recon * removed, axis=2)
 
+  def error_maps(g_params, x):
+    """E_i [B, S, H, W] (Eq. 7): per-pixel error of each scale's merged reconstruction, channel mean."""
+    merged = reconstruct_scales(g_params, x)
+    if cfg.error == 'l1':
+      return jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)
+    if cfg.error == 'l2':
+      return jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
+    raise ValueError(f"Unknown mask_vitgan.error {cfg.error!r}; expected 'l1' or 'l2'.")
+
+  def reference(state, batch, frozen):
+    """average(E_i) per image [B, S]; the harness's mean over a category's training images is mu_i."""
+    del frozen
+    return {'mu': jnp.mean(error_maps(state['g'].params, batch['image'].astype(jnp.float32)), axis=(2, 3))}
+
   def score(state, batch, frozen):
     del frozen
-    x = batch['image'].astype(jnp.float32)
-    merged = reconstruct_scales(state['g'].params, x)
-    if cfg.error == 'l1':
-      errors = jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)  # E_i (Eq. 7) [B, S, H, W]
-    elif cfg.error == 'l2':
-      errors = jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
-    else:
-      raise ValueError(f"Unknown mask_vitgan.error {cfg.error!r}; expected 'l1' or 'l2'.")
-    maps = layers.gaussian_blur(select_error_map(errors, cfg.select), cfg.smoothing_sigma)
+    errors = error_maps(state['g'].params, batch['image'].astype(jnp.float32))
+    mu = None if cfg.select == 'mean' else state['reference']['mu']
+    maps = layers.gaussian_blur(select_error_map(errors, cfg.select, mu), cfg.smoothing_sigma)
     if cfg.image_score == 'max':
       scores = jnp.max(maps, axis=(1, 2))
     elif cfg.image_score == 'mean':
@@ -353,4 +367,4 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
       raise ValueError(f"Unknown mask_vitgan.image_score {cfg.image_score!r}; expected 'max' or 'mean'.")
     return maps, scores
 
-  return AnomalyModel(init=init, train_step=train_step, score=score)
+  return AnomalyModel(init=init, train_step=train_step, score=score, reference=reference)
