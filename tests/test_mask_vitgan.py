@@ -1,5 +1,6 @@
 """Mask-ViT-GAN: complementary masks, test-time merging rule, one GAN step, harness smoke runs, learning."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,16 @@ def tiny_config(root, arg=None, **overrides):
   c.log_every = 1
   c.num_heatmaps = 0
   return override(c, **overrides)
+
+
+# Small widths and depths for tests that compile the whole GAN.
+SMALL = {
+  'mask_vitgan.depth': 3,
+  'mask_vitgan.width': 32,
+  'mask_vitgan.disc_depth': 1,
+  'mask_vitgan.disc_width': 32,
+  'mask_vitgan.disc_feature_dim': 16,
+}
 
 
 @pytest.mark.parametrize('size,cells', [(64, (2, 4, 8)), (256, (4, 8, 16)), (96, (2, 6, 12))])
@@ -79,7 +90,7 @@ def test_score_merges_each_pair_over_its_masked_areas():
     '',
     **{
       'mask_vitgan.smoothing_sigma': 0.0,
-      'mask_vitgan.depth': 1,
+      'mask_vitgan.depth': 3,
       'mask_vitgan.width': 32,
       'mask_vitgan.disc_depth': 1,
       'mask_vitgan.disc_width': 32,
@@ -99,6 +110,38 @@ def test_score_merges_each_pair_over_its_masked_areas():
   maps, scores = jax.jit(model.score)(models.with_reference(state, {'mu': np.zeros(3)}), {'image': x}, {})
   np.testing.assert_allclose(maps, error, atol=1e-6)
   np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)
+
+
+def test_each_out_block_receives_the_matching_in_block_output():
+  """U-ViT long skips: out-block j's skip linear gets concat(previous block's output, output of in-block
+  n-1-j); captured with a method interceptor on a 3 + 1 + 3-block generator."""
+  gen = mask_vitgan.UViTGenerator(8, 32, 7, 2, 3)
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  params = gen.init(jax.random.key(1), x)['params']
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = '/'.join(context.module.path)
+    if context.method_name == '__call__' and ('block' in path or 'skip_linear' in path):
+      seen[path] = (args[0], out)
+    return out
+
+  with nn.intercept_methods(capture):
+    _, z = gen.apply({'params': params}, x)
+  in_out = [seen[f'encoder/in_block_{i}'][1] for i in range(3)]
+  np.testing.assert_array_equal(z, in_out[-1])  # L_enc's latent: the tokens entering the mid-block.
+  np.testing.assert_array_equal(seen['mid_block'][0], in_out[-1])
+  previous = seen['mid_block'][1]
+  for j in range(3):
+    skip_input = seen[f'skip_linear_{j}'][0]
+    np.testing.assert_array_equal(skip_input[..., :32], previous)  # h_m
+    np.testing.assert_array_equal(skip_input[..., 32:], in_out[2 - j])  # h_s
+    np.testing.assert_array_equal(seen[f'out_block_{j}'][0], seen[f'skip_linear_{j}'][1])
+    previous = seen[f'out_block_{j}'][1]
+  assert not any(k.startswith('out_block_3') or k.startswith('encoder/in_block_3') for k in seen)
+  with pytest.raises(ValueError, match='odd'):
+    mask_vitgan.UViTGenerator(8, 32, 6, 2, 3).init(jax.random.key(1), x)
 
 
 def test_unpatchify_inverts_patchify_in_the_patch_embedding_order():
@@ -121,14 +164,14 @@ def test_unpatchify_inverts_patchify_in_the_patch_embedding_order():
 
 @pytest.mark.skipif(not (REALAD / 'mvtec_ad' / 'bottle').is_dir(), reason='needs the real bottle data')
 def test_generator_fits_real_images_quickly():
-  """60 AdamW steps of L1 on 32 bottle images (64 px) with a 1+1-block generator. With Flax's default
+  """60 AdamW steps of L1 on 32 bottle images (64 px) with a 1+1+1-block U-ViT. With Flax's default
   head init the first reconstruction is N(0, 1) noise and L1 stays above 0.12 after 60 steps; the
   grey-start head (small_head) gets below it."""
   files = sorted((REALAD / 'mvtec_ad' / 'bottle' / 'train' / 'good').glob('*.png'))[:32]
   x = np.stack([folder.load_image(str(f), 64, 3) for f in files])
   losses_ = {}
   for small in (False, True):
-    gen = mask_vitgan.UViTGenerator(8, 32, 1, 2, 16, 3, small_head=small)
+    gen = mask_vitgan.UViTGenerator(8, 32, 3, 2, 3, small_head=small)
     params = gen.init(jax.random.key(1), x[:8])['params']
     tx = optax.adamw(5e-4, b1=0.5)
     opt = tx.init(params)
@@ -147,13 +190,14 @@ def test_generator_fits_real_images_quickly():
   assert losses_[True] < 0.12 < losses_[False], losses_
 
 
-def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
+@pytest.mark.parametrize('share_encoder', [False, True])
+def test_one_gan_step_changes_both_parameter_sets_and_nothing_else(share_encoder):
   c = tiny_config(
     '',
     **{
-      'mask_vitgan.depth': 2,
+      'mask_vitgan.share_encoder': share_encoder,
+      'mask_vitgan.depth': 3,
       'mask_vitgan.width': 32,
-      'mask_vitgan.latent_dim': 16,
       'mask_vitgan.disc_depth': 2,
       'mask_vitgan.disc_width': 32,
       'mask_vitgan.disc_feature_dim': 16,
@@ -167,6 +211,13 @@ def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
   state = jax.jit(model.init)(jax.random.key(1), batch, {})
   new, metrics = jax.jit(model.train_step)(state, batch, jax.random.key(2), {})
   assert set(new) == {'g', 'd'}
+  # The extra encoder: own weights (patch embedding + in-blocks, as the generator's encoder), or none.
+  extra = state['g'].params.get('encoder')
+  if share_encoder:
+    assert extra is None
+  else:
+    own = state['g'].params['generator']['encoder']
+    assert jax.tree.map(jnp.shape, extra) == jax.tree.map(jnp.shape, own)
   assert jax.tree.structure(new) == jax.tree.structure(state)
   for name in ('g', 'd'):
     assert int(new[name].step) == int(state[name].step) + 1
@@ -227,10 +278,10 @@ def _smoke(config, workdir):
 
 
 def test_reference_mu_is_fitted_per_category_and_restored_by_load(tiny_dataset, tmp_path):
-  """The default config through the harness, one model for both categories (3 steps): each category's
-  mu_i is the mean of average(E_i) over its own training images, saved with its calibration and the
-  one that jaxad.load scores with."""
-  config = tiny_config(tiny_dataset)
+  """The default config (small widths) through the harness, one model for both categories (3 steps):
+  each category's mu_i is the mean of average(E_i) over its own training images, saved with its
+  calibration and the one that jaxad.load scores with."""
+  config = tiny_config(tiny_dataset, **SMALL)
   train.train_and_evaluate(config, str(tmp_path))
   detector = jaxad.load(str(tmp_path))
   categories = folder.list_categories(tiny_dataset)
@@ -253,9 +304,9 @@ def test_reference_mu_is_fitted_per_category_and_restored_by_load(tiny_dataset, 
   assert not np.allclose(*mus.values())
 
 
-@pytest.mark.slow  # minutes: compiles 47 unrolled blocks.
+@pytest.mark.slow  # minutes: compiles 27 unrolled blocks.
 def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
-  """The paper's depths (13 + 13 generator blocks, 13 in the extra encoder, 8 ToMe blocks with r=2)
+  """The paper's depths (a 6 + 1 + 6-block U-ViT, 6 in-blocks in the extra encoder, 8 ToMe blocks, r=2)
   at 64x64 and a small width, so it compiles in CPU test time."""
   c = tiny_config(
     tiny_dataset,
@@ -263,7 +314,6 @@ def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
     **{
       'mask_vitgan.width': 32,
       'mask_vitgan.num_heads': 2,
-      'mask_vitgan.latent_dim': 16,
       'mask_vitgan.disc_width': 32,
       'mask_vitgan.disc_num_heads': 2,
       'mask_vitgan.disc_feature_dim': 16,
@@ -276,9 +326,9 @@ def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
   assert tuple(paper.mask_vitgan.alpha) == (1.0, 1.0, 20.0)
   state = _smoke(c, tmp_path)
   gen = state['g'].params['generator']
-  assert sum(k.startswith('decoder_block_') for k in gen) == 13
-  assert sum(k.startswith('block_') for k in gen['encoder']) == 13
-  assert sum(k.startswith('block_') for k in state['g'].params['encoder']) == 13
+  assert sum(k.startswith('in_block_') for k in gen['encoder']) == 6 and 'mid_block' in gen
+  assert sum(k.startswith('out_block_') for k in gen) == sum(k.startswith('skip_linear_') for k in gen) == 6
+  assert sum(k.startswith('in_block_') for k in state['g'].params['encoder']) == 6
   assert sum(k.startswith('block_') for k in state['d'].params) == 8
 
 
