@@ -53,8 +53,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   m.structure_warmup = (0, 0)
   # Test-time scoring (Eq. 6-9).
   m.error = 'l1'  # E_i per pixel: 'l1' |O_i - I| or 'l2' (O_i - I)^2, channel mean.
-  m.select = 'eq8'  # 'eq8' argmax(avg(E_i) - mu), 'distance' argmax |.|, 'mean' of E_i.
-  m.smoothing_sigma = 2.0  # Gaussian sigma (pixels) on the final error map.
+  # 'eq8' argmax_i(avg(E_i) - mu_i), mu_i fitted per category on the training images; 'distance' argmax |.|;
+  # 'mean' of the E_i.
+  m.select = 'eq8'
+  m.smoothing_sigma = 2.0  # Gaussian sigma (pixels) on the final error map; 0 = none.
   m.image_score = 'max'  # 'max' or 'mean' of the smoothed final map (with image_score='model').
 
   if variant == 'paper':
@@ -80,5 +82,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     m.disc_num_heads = 6
     m.disc_feature_dim = 256  # Not given in the paper.
     m.mask_cells = (4, 8, 16)  # 64, 32 and 16 pixel blocks at 256x256.
-    m.smoothing_sigma = 4.0
+    # Scoring in the paper's lineage (SCADN): squared error, Eq. 8 with mu_i, no smoothing, mean of E_f.
+    m.error = 'l2'
+    m.select = 'eq8'
+    m.smoothing_sigma = 0.0
+    m.image_score = 'mean'
   return c

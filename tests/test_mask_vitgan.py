@@ -304,6 +304,23 @@ def test_reference_mu_is_fitted_per_category_and_restored_by_load(tiny_dataset, 
   assert not np.allclose(*mus.values())
 
 
+def test_paper_config_settings():
+  paper = mask_vitgan_config.get_config('paper')
+  m = paper.mask_vitgan
+  assert (m.depth, mask_vitgan.uvit_split(m.depth), m.disc_depth, m.tome_r) == (13, 6, 8, 2)
+  assert paper.dataset.unified is False and paper.num_epochs == 500 and paper.batch_size == 8
+  assert paper.optimizer.name == 'adamw' and paper.optimizer.learning_rate == 1e-4
+  assert tuple(m.alpha) == (1.0, 1.0, 20.0)
+  # Scoring in SCADN's lineage: squared error, Eq. 8 with mu_i, no smoothing, the final map's mean.
+  assert (m.error, m.select, m.smoothing_sigma, m.image_score, paper.image_score) == (
+    'l2',
+    'eq8',
+    0,
+    'mean',
+    'model',
+  )
+
+
 @pytest.mark.slow  # minutes: compiles 27 unrolled blocks.
 def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
   """The paper's depths (a 6 + 1 + 6-block U-ViT, 6 in-blocks in the extra encoder, 8 ToMe blocks, r=2)
@@ -319,11 +336,6 @@ def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
       'mask_vitgan.disc_feature_dim': 16,
     },
   )
-  paper = mask_vitgan_config.get_config('paper')
-  assert (paper.mask_vitgan.depth, paper.mask_vitgan.disc_depth, paper.mask_vitgan.tome_r) == (13, 8, 2)
-  assert paper.dataset.unified is False and paper.num_epochs == 500 and paper.batch_size == 8
-  assert paper.optimizer.name == 'adamw' and paper.optimizer.learning_rate == 1e-4
-  assert tuple(paper.mask_vitgan.alpha) == (1.0, 1.0, 20.0)
   state = _smoke(c, tmp_path)
   gen = state['g'].params['generator']
   assert sum(k.startswith('in_block_') for k in gen['encoder']) == 6 and 'mid_block' in gen
