@@ -81,6 +81,15 @@ def _compile(fn, *args, prefix: str = '') -> tuple:
   return compiled, {prefix + k: v for k, v in times.items()}
 
 
+def _scoring_state(model, model_state, batch, frozen):
+  """`model_state` as `score` takes it: with zero reference statistics where the model has a
+  `reference` hook (the timing does not depend on their values)."""
+  if model.reference is None:
+    return model_state
+  shapes = jax.eval_shape(model.reference, model_state, batch, frozen)
+  return models.with_reference(model_state, {k: np.zeros(v.shape[1:]) for k, v in shapes.items()})
+
+
 def measure(
   config,
   batch_size: int,
@@ -110,7 +119,9 @@ def measure(
   step, train_times = _compile(run.steps[phase], run.state, batch, frozen, train_key)
   eval_batch = parallel.shard_batch(images, mesh)
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
-  score, score_times = _compile(score_fn, run.state.model, eval_batch, frozen, prefix='score_')
+  score, score_times = _compile(
+    score_fn, _scoring_state(model, run.state.model, eval_batch, frozen), eval_batch, frozen, prefix='score_'
+  )
   compiled = {
     'model': config.model.name,
     'device_kind': jax.devices()[0].device_kind,
@@ -135,9 +146,10 @@ def measure(
     jax.block_until_ready(train_once())
   train_s = perf.median_seconds(train_once, steps, repeats)
 
+  scoring_state = _scoring_state(model, state.model, eval_batch, frozen)
   for _ in range(warmup):
-    jax.block_until_ready(score(state.model, eval_batch, frozen))
-  infer_s = perf.median_seconds(lambda: score(state.model, eval_batch, frozen), steps, repeats)
+    jax.block_until_ready(score(scoring_state, eval_batch, frozen))
+  infer_s = perf.median_seconds(lambda: score(scoring_state, eval_batch, frozen), steps, repeats)
 
   xla_train, xla_infer = perf.xla_flops(step), perf.xla_flops(score)
   analytic_train = analytic_infer = None

@@ -3,8 +3,8 @@
 See docs/models/mask_vitgan.md.
 
   configs/mask_vitgan.py        minutes on a CPU on the embedded dataset (64x64, small ViTs, 20 epochs).
-  configs/mask_vitgan.py:paper  Sec. 3.2: 13 blocks in the generator encoder and decoder (and the extra
-                                encoder), 8 in the discriminator, ToMe r=2, AdamW 1e-4, batch 8,
+  configs/mask_vitgan.py:paper  Sec. 3.2: a U-ViT generator of 13 blocks (6 + 1 + 6; the extra encoder
+                                has the 6 in-blocks), 8 in the discriminator, ToMe r=2, AdamW 1e-4, batch 8,
                                 500 epochs, alpha = (1, 1, 20), 256x256, one model per category.
 """
 
@@ -28,14 +28,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.image_score = 'max_zscore'  # The paper leaves the image score open (see the model doc).
 
   c.mask_vitgan = m = ml_collections.ConfigDict()
-  # Generator: U-ViT encoder-decoder (the extra encoder for L_enc has the encoder's architecture).
+  # Generator: U-ViT (the extra encoder for L_enc has the architecture of its patch embedding + in-blocks).
   m.patch_size = 8  # Pixels per patch side.
-  m.width = 96  # Token width of encoder and decoder.
-  m.depth = 3  # Transformer blocks in the encoder, and as many in the decoder.
+  m.width = 96  # Token width of the generator and the extra encoder.
+  m.depth = 7  # U-ViT blocks in all, odd: (depth - 1) / 2 in-blocks, 1 mid-block, as many out-blocks.
   m.num_heads = 4  # Attention heads of the generator and the extra encoder.
   m.mlp_ratio = 4.0  # MLP hidden width / token width (generator and discriminator).
-  m.latent_dim = 32  # Width of the latent tokens z (bottleneck; L_enc compares z, z_hat).
-  m.long_skips = True  # U-ViT long skips (encoder block i -> decoder block depth-1-i).
+  m.share_encoder = False  # True: the extra encoder is the generator's encoder (shared weights).
+  m.long_skips = True  # U-ViT long skips (in-block i -> out-block (depth - 1) / 2 - 1 - i).
   m.out_conv = True  # 3x3 convolution after the decoder.
   m.small_head = True  # Grey start: small patch-head init, +0.5, residual zero-init conv.
   # Discriminator: ViT with token merging, sigmoid output; `middle` features for L_adv.
@@ -53,8 +53,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   m.structure_warmup = (0, 0)
   # Test-time scoring (Eq. 6-9).
   m.error = 'l1'  # E_i per pixel: 'l1' |O_i - I| or 'l2' (O_i - I)^2, channel mean.
-  m.select = 'eq8'  # 'eq8' argmax(avg(E_i) - mu), 'distance' argmax |.|, 'mean' of E_i.
-  m.smoothing_sigma = 2.0  # Gaussian sigma (pixels) on the final error map.
+  # 'eq8' argmax_i(avg(E_i) - mu_i), mu_i fitted per category on the training images; 'distance' argmax |.|;
+  # 'mean' of the E_i.
+  m.select = 'eq8'
+  m.smoothing_sigma = 2.0  # Gaussian sigma (pixels) on the final error map; 0 = none.
   m.image_score = 'max'  # 'max' or 'mean' of the smoothed final map (with image_score='model').
 
   if variant == 'paper':
@@ -72,14 +74,17 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.image_score = 'model'  # mask_vitgan.image_score of the final map.
     m.patch_size = 16  # ViT 16x16 patches (Fig. 3).
     m.width = 384  # Not given in the paper: ViT-S width.
-    m.depth = 13
+    m.depth = 13  # "13 Transformer blocks" (Sec. 3.2): U-ViT's 6 in-blocks + 1 mid-block + 6 out-blocks.
     m.num_heads = 6
-    m.latent_dim = 128  # Not given in the paper.
     m.disc_patch_size = 16
     m.disc_width = 384
     m.disc_depth = 8
     m.disc_num_heads = 6
     m.disc_feature_dim = 256  # Not given in the paper.
     m.mask_cells = (4, 8, 16)  # 64, 32 and 16 pixel blocks at 256x256.
-    m.smoothing_sigma = 4.0
+    # Scoring in the paper's lineage (SCADN): squared error, Eq. 8 with mu_i, no smoothing, mean of E_f.
+    m.error = 'l2'
+    m.select = 'eq8'
+    m.smoothing_sigma = 0.0
+    m.image_score = 'mean'
   return c

@@ -3,8 +3,9 @@
 Made at the end of training, per category, from calibration images: a seeded held-out fraction of
 train/good when `calibration.holdout > 0` (those images are not trained on), else the training images
 themselves, whose scores run low because the model has seen them (the record says which). Stored
-beside the checkpoints in `<run dir>/calibration/<category>.json` (+ `.npz` for per-pixel statistics),
-restored with the train state by `jaxad.load` and used by evaluation, prediction and export.
+beside the checkpoints in `<run dir>/calibration/<category>.json` (+ `.npz` for per-pixel statistics,
+`.reference.npz` for the model's reference statistics, jaxad.models), restored with the train state
+by `jaxad.load` and used by evaluation, prediction and export.
 
 Threshold rules (`calibration.rule`, and `calibration.pixel_rule` for predicted masks):
   normal_quantile  the (1 - false_positive_rate) quantile of the calibration images' scores (pixel
@@ -45,6 +46,8 @@ class Calibration:
   normal_median: float  # Median raw image score of the calibration images.
   zscore_mean: np.ndarray | None = None  # [H, W]: max_zscore statistics of the training maps.
   zscore_std: np.ndarray | None = None  # [H, W], floored.
+  # The model's `reference` statistics, averaged over the category's training images (jaxad.models).
+  reference: dict[str, np.ndarray] | None = None
   version: int = VERSION
 
   def image_scores(self, maps: np.ndarray, model_scores: np.ndarray) -> np.ndarray:
@@ -109,11 +112,12 @@ def choose(
   source: str,
   zscore: tuple[np.ndarray, np.ndarray] | None,
   labelled: dict | None = None,
+  reference: dict[str, np.ndarray] | None = None,
 ) -> Calibration:
   """A category's Calibration from its calibration images' maps and raw scores.
 
   `labelled`: {'raw': [N], 'labels': [N], 'maps': [N, H, W], 'masks': [N, H, W]} of the labelled
-  folder (rule f1_max).
+  folder (rule f1_max). `reference`: the model's fitted reference statistics, kept as they are.
   """
   for name, rule in (('rule', cfg.rule), ('pixel_rule', cfg.pixel_rule)):
     if rule not in RULES:
@@ -147,30 +151,40 @@ def choose(
     normal_median=float(np.median(calib_raw)),
     zscore_mean=mean,
     zscore_std=std,
+    reference=reference,
   )
 
 
-def _paths(run_dir: str, category: str) -> tuple[str, str]:
+def _paths(run_dir: str, category: str) -> tuple[str, str, str]:
   base = os.path.join(run_dir, 'calibration', category)
-  return base + '.json', base + '.npz'
+  return base + '.json', base + '.npz', base + '.reference.npz'
+
+
+def _write_npz(path: str, arrays: dict) -> None:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  writers.atomic_write_bytes(path, buf.getvalue())
 
 
 def save(run_dir: str, calib: Calibration) -> None:
-  """Writes `<run_dir>/calibration/<category>.json` (+ .npz with the z-score statistics) atomically."""
-  json_path, npz_path = _paths(run_dir, calib.category)
+  """Writes `<run_dir>/calibration/<category>.json` (+ .npz with the z-score statistics, + .reference.npz
+  with the model's reference statistics) atomically."""
+  json_path, npz_path, reference_path = _paths(run_dir, calib.category)
   os.makedirs(os.path.dirname(json_path), exist_ok=True)
-  record = {k: v for k, v in dataclasses.asdict(calib).items() if k not in ('zscore_mean', 'zscore_std')}
+  arrays = ('zscore_mean', 'zscore_std', 'reference')
+  record = {k: v for k, v in dataclasses.asdict(calib).items() if k not in arrays}
   if calib.zscore_mean is not None:
-    buf = io.BytesIO()
-    np.savez(buf, mean=calib.zscore_mean, std=calib.zscore_std)
-    writers.atomic_write_bytes(npz_path, buf.getvalue())
+    _write_npz(npz_path, {'mean': calib.zscore_mean, 'std': calib.zscore_std})
     record['zscore_file'] = os.path.basename(npz_path)
+  if calib.reference is not None:
+    _write_npz(reference_path, calib.reference)
+    record['reference_file'] = os.path.basename(reference_path)
   writers.atomic_write_json(json_path, record)
 
 
 def load(run_dir: str, category: str) -> Calibration:
   """The Calibration `save` wrote; FileNotFoundError naming what is missing."""
-  json_path, npz_path = _paths(run_dir, category)
+  json_path, _, _ = _paths(run_dir, category)
   if not os.path.exists(json_path):
     raise FileNotFoundError(
       f'{json_path} is missing: this run has no calibration (trained before calibration existed, or '
@@ -183,6 +197,10 @@ def load(run_dir: str, category: str) -> Calibration:
   if zscore_file:
     with np.load(os.path.join(os.path.dirname(json_path), zscore_file)) as z:
       record['zscore_mean'], record['zscore_std'] = z['mean'], z['std']
+  reference_file = record.pop('reference_file', None)
+  if reference_file:
+    with np.load(os.path.join(os.path.dirname(json_path), reference_file)) as r:
+      record['reference'] = {k: r[k] for k in r.files}
   return Calibration(**record)
 
 

@@ -64,18 +64,19 @@ class Detector:
   def function(self, category: str | None = None) -> Callable[[jax.Array], dict]:
     """The whole detector of `category` as a pure function of images [B, S, S, C] float32 in [0, 1].
 
-    Returns {'score', 'normalised_score', 'anomalous', 'map', 'mask'}; the weights, normalisation
-    statistics and thresholds are constants of the function.
+    Returns {'score', 'normalised_score', 'anomalous', 'map', 'mask'}; the weights, the model's
+    reference statistics, normalisation statistics and thresholds are constants of the function.
     """
     category = self._category(category)
     run, calib = self._runs[category], self.calibrations[category]
+    state = run.state if run.model.reference is None else models.with_reference(run.state, calib.reference)
     span = calib.normalising_span
     zscore = None
     if calib.image_score == 'max_zscore':
       zscore = (jnp.asarray(calib.zscore_mean, jnp.float32), jnp.asarray(calib.zscore_std, jnp.float32))
 
     def detect(images: jax.Array) -> dict:
-      maps, model_scores = run.model.score(run.state, {'image': images}, run.frozen)
+      maps, model_scores = run.model.score(state, {'image': images}, run.frozen)
       maps = maps.astype(jnp.float32)
       if zscore is None:
         raw = model_scores.astype(jnp.float32)

@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxad import calibration, metrics, parallel, writers
+from jaxad import calibration, metrics, models, parallel, writers
 from jaxad.data import pipeline
 
 METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
@@ -48,6 +48,37 @@ def score_samples(config, model, state, frozen, samples, mesh, score_fn=None) ->
   return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def fit_reference(config, model, state, frozen, samples, mesh) -> dict[str, np.ndarray]:
+  """The model's `reference` statistics averaged over `samples` (a category's training images)."""
+  fn = jax.jit(model.reference, out_shardings=parallel.replicated(mesh))
+  sums, count = None, 0
+  for out, _, n in parallel.map_in_order(
+    lambda b: fn(state, b, frozen), pipeline.image_source(config, samples), config, mesh
+  ):
+    part = {k: np.asarray(v, np.float64)[:n].sum(0) for k, v in out.items()}
+    sums = part if sums is None else {k: sums[k] + part[k] for k in sums}
+    count += n
+  if not count:
+    raise ValueError(f'{config.model.name} needs training images to fit its reference statistics.')
+  return {k: (v / count).astype(np.float32) for k, v in sums.items()}
+
+
+def category_state(config, model, state, frozen, category, mesh, train_by_category=None, calibrations=None):
+  """The state `model.score` sees for `category`: with the model's reference statistics (from the
+  category's calibration, else fitted on `train_by_category[category]`) where the model has them."""
+  if model.reference is None:
+    return state
+  if calibrations is not None:
+    reference = calibrations[category].reference
+  elif train_by_category is not None:
+    reference = fit_reference(config, model, state, frozen, train_by_category[category], mesh)
+  else:
+    raise ValueError(
+      f'{config.model.name} scores against reference statistics: it needs the training samples.'
+    )
+  return models.with_reference(state, reference)
+
+
 def evaluate(
   config: ml_collections.ConfigDict,
   model,
@@ -63,7 +94,8 @@ def evaluate(
 
   With `config.image_score == 'max_zscore'` the image scores come from the z-score statistics of the
   category's training maps: those stored in `calibrations[category]` (jaxad.calibration), else
-  computed from `train_by_category[category]`. The pixel maps stay the model's own.
+  computed from `train_by_category[category]`. The pixel maps stay the model's own. A model with
+  `reference` statistics is scored against the category's (category_state).
   """
   check_config(config)
   if config.image_score == 'max_zscore' and train_by_category is None and calibrations is None:
@@ -71,11 +103,16 @@ def evaluate(
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   results = {}
   for category, samples in test_by_category.items():
-    scored = score_samples(config, model, state, frozen, samples, mesh, score_fn)
+    scoring_state = category_state(
+      config, model, state, frozen, category, mesh, train_by_category, calibrations
+    )
+    scored = score_samples(config, model, scoring_state, frozen, samples, mesh, score_fn)
     if config.image_score == 'max_zscore' and calibrations is not None:
       scored['scores'] = calibrations[category].image_scores(scored['maps'], scored['scores'])
     elif config.image_score == 'max_zscore':
-      normal = score_samples(config, model, state, frozen, train_by_category[category], mesh, score_fn)
+      normal = score_samples(
+        config, model, scoring_state, frozen, train_by_category[category], mesh, score_fn
+      )
       scored['scores'] = max_zscore(scored['maps'], normal['maps'])
     results[category] = metrics.compute_all(
       scored['scores'], scored['labels'], scored['maps'], scored['masks']

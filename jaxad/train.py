@@ -667,17 +667,24 @@ def calibrate(
 ) -> dict:
   """Calibrates every category (jaxad.calibration) and saves it beside the checkpoints of `run_dir`.
 
-  The calibration images are `calib_by_cat[category]` (held out), else the training images.
+  The calibration images are `calib_by_cat[category]` (held out), else the training images. A model's
+  `reference` statistics are fitted on the category's training images first and kept in its calibration.
   """
   cfg = config.calibration
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   out = {}
   for category, train_samples in train_by_cat.items():
+    reference, scoring_state = None, state
+    if model.reference is not None:
+      reference = evaluate.fit_reference(config, model, state, frozen, train_samples, mesh)
+      scoring_state = models.with_reference(state, reference)
     held = calib_by_cat.get(category) or []
-    scored_train = evaluate.score_samples(config, model, state, frozen, train_samples, mesh, score_fn)
+    scored_train = evaluate.score_samples(config, model, scoring_state, frozen, train_samples, mesh, score_fn)
     zscore = calibration.zscore_stats(scored_train['maps']) if config.image_score == 'max_zscore' else None
     scored = (
-      evaluate.score_samples(config, model, state, frozen, held, mesh, score_fn) if held else scored_train
+      evaluate.score_samples(config, model, scoring_state, frozen, held, mesh, score_fn)
+      if held
+      else scored_train
     )
 
     def raw_scores(s):
@@ -697,7 +704,7 @@ def calibrate(
       samples = folder.scan_split(
         cfg.labelled_root, category, 'test', good_name=ds.good_name, mask_suffix=ds.mask_suffix
       )
-      lab = evaluate.score_samples(config, model, state, frozen, samples, mesh, score_fn)
+      lab = evaluate.score_samples(config, model, scoring_state, frozen, samples, mesh, score_fn)
       labelled = {'raw': raw_scores(lab), 'labels': lab['labels'], 'maps': lab['maps'], 'masks': lab['masks']}
     calib = calibration.choose(
       cfg,
@@ -708,6 +715,7 @@ def calibrate(
       'holdout' if held else 'train',
       zscore,
       labelled,
+      reference,
     )
     if jax.process_index() == 0:
       calibration.save(run_dir, calib)

@@ -27,9 +27,8 @@ def _mask_vitgan(root):
     num_epochs=1,
     num_heatmaps=0,
     **{
-      'mask_vitgan.depth': 1,
+      'mask_vitgan.depth': 3,
       'mask_vitgan.width': 32,
-      'mask_vitgan.latent_dim': 16,
       'mask_vitgan.disc_depth': 1,
       'mask_vitgan.disc_width': 32,
       'mask_vitgan.disc_feature_dim': 16,

@@ -1,5 +1,6 @@
 """Mask-ViT-GAN: complementary masks, test-time merging rule, one GAN step, harness smoke runs, learning."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,9 @@ import optax
 import pytest
 from conftest import REALAD, override, tiny_folder_config
 
+import jaxad
 from configs import mask_vitgan as mask_vitgan_config
-from jaxad import parallel, train
+from jaxad import calibration, models, parallel, train
 from jaxad.data import folder, pipeline
 from jaxad.models import layers, mask_vitgan
 
@@ -20,6 +22,16 @@ def tiny_config(root, arg=None, **overrides):
   c.log_every = 1
   c.num_heatmaps = 0
   return override(c, **overrides)
+
+
+# Small widths and depths for tests that compile the whole GAN.
+SMALL = {
+  'mask_vitgan.depth': 3,
+  'mask_vitgan.width': 32,
+  'mask_vitgan.disc_depth': 1,
+  'mask_vitgan.disc_width': 32,
+  'mask_vitgan.disc_feature_dim': 16,
+}
 
 
 @pytest.mark.parametrize('size,cells', [(64, (2, 4, 8)), (256, (4, 8, 16)), (96, (2, 6, 12))])
@@ -53,16 +65,20 @@ def test_structure_warmup_must_be_ordered():
 
 def test_error_map_selection_rules():
   e = np.zeros((2, 3, 4, 4), np.float32)
-  e[0, 0] = 1.0  # Image 0: scale 0 has the largest mean error.
-  e[0, 1] = 0.4
-  e[0, 2] = 0.4
-  e[1, 0] = 0.5  # Image 1: scale 2 is furthest below the mean over scales.
-  e[1, 1] = 0.5
-  e[1, 2] = 0.0
+  e[0] = np.array([1.0, 0.4, 0.4])[:, None, None]  # average(E_i) of image 0: (1.0, 0.4, 0.4)
+  e[1] = np.array([0.5, 0.5, 0.0])[:, None, None]  # and of image 1: (0.5, 0.5, 0.0)
   e = jnp.asarray(e)
-  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'eq8'), e[jnp.arange(2), jnp.array([0, 0])])
+  mu = jnp.array([0.9, 0.1, 0.2])  # Per-scale reference mu_i of the normal training images.
+  pick = lambda f: e[jnp.arange(2), jnp.array(f)]
+  # Eq. 8: average(E_i) - mu_i = (0.1, 0.3, 0.2) and (-0.4, 0.4, -0.2): scale 1 for both images, where
+  # the per-image mean over the scales as mu (the same for every scale) would pick argmax average(E_i),
+  # scale 0.
+  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'eq8', mu), pick([1, 1]))
+  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'eq8', jnp.zeros(3)), pick([0, 0]))
+  # |average(E_i) - mu_i|: image 1 has a tie between scales 0 and 1 (0.4); argmax takes the first.
+  np.testing.assert_array_equal(mask_vitgan.select_error_map(e, 'distance', mu), pick([1, 0]))
   np.testing.assert_array_equal(
-    mask_vitgan.select_error_map(e, 'distance'), e[jnp.arange(2), jnp.array([0, 2])]
+    mask_vitgan.select_error_map(e, 'distance', jnp.array([0.9, 0.1, 0.5])), pick([1, 2])
   )
   np.testing.assert_allclose(mask_vitgan.select_error_map(e, 'mean'), e.mean(axis=1))
 
@@ -74,7 +90,7 @@ def test_score_merges_each_pair_over_its_masked_areas():
     '',
     **{
       'mask_vitgan.smoothing_sigma': 0.0,
-      'mask_vitgan.depth': 1,
+      'mask_vitgan.depth': 3,
       'mask_vitgan.width': 32,
       'mask_vitgan.disc_depth': 1,
       'mask_vitgan.disc_width': 32,
@@ -86,9 +102,46 @@ def test_score_merges_each_pair_over_its_masked_areas():
   g = jax.tree.map(jnp.zeros_like, state['g'].params)
   g['generator']['out_conv']['bias'] = jnp.full((3,), 0.25)
   state['g'] = state['g'].replace(params=g)
-  maps, scores = jax.jit(model.score)(state, {'image': x}, {})
-  np.testing.assert_allclose(maps, jnp.mean(jnp.abs(x - 0.75), axis=-1), atol=1e-6)
+  error = jnp.mean(jnp.abs(x - 0.75), axis=-1)
+  reference = jax.jit(model.reference)(state, {'image': x}, {})
+  np.testing.assert_allclose(
+    reference['mu'], jnp.repeat(error.mean(axis=(1, 2))[:, None], 3, axis=1), atol=1e-6
+  )
+  maps, scores = jax.jit(model.score)(models.with_reference(state, {'mu': np.zeros(3)}), {'image': x}, {})
+  np.testing.assert_allclose(maps, error, atol=1e-6)
   np.testing.assert_allclose(scores, maps.max(axis=(1, 2)), atol=1e-6)
+
+
+def test_each_out_block_receives_the_matching_in_block_output():
+  """U-ViT long skips: out-block j's skip linear gets concat(previous block's output, output of in-block
+  n-1-j); captured with a method interceptor on a 3 + 1 + 3-block generator."""
+  gen = mask_vitgan.UViTGenerator(8, 32, 7, 2, 3)
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  params = gen.init(jax.random.key(1), x)['params']
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    path = '/'.join(context.module.path)
+    if context.method_name == '__call__' and ('block' in path or 'skip_linear' in path):
+      seen[path] = (args[0], out)
+    return out
+
+  with nn.intercept_methods(capture):
+    _, z = gen.apply({'params': params}, x)
+  in_out = [seen[f'encoder/in_block_{i}'][1] for i in range(3)]
+  np.testing.assert_array_equal(z, in_out[-1])  # L_enc's latent: the tokens entering the mid-block.
+  np.testing.assert_array_equal(seen['mid_block'][0], in_out[-1])
+  previous = seen['mid_block'][1]
+  for j in range(3):
+    skip_input = seen[f'skip_linear_{j}'][0]
+    np.testing.assert_array_equal(skip_input[..., :32], previous)  # h_m
+    np.testing.assert_array_equal(skip_input[..., 32:], in_out[2 - j])  # h_s
+    np.testing.assert_array_equal(seen[f'out_block_{j}'][0], seen[f'skip_linear_{j}'][1])
+    previous = seen[f'out_block_{j}'][1]
+  assert not any(k.startswith('out_block_3') or k.startswith('encoder/in_block_3') for k in seen)
+  with pytest.raises(ValueError, match='odd'):
+    mask_vitgan.UViTGenerator(8, 32, 6, 2, 3).init(jax.random.key(1), x)
 
 
 def test_unpatchify_inverts_patchify_in_the_patch_embedding_order():
@@ -111,14 +164,14 @@ def test_unpatchify_inverts_patchify_in_the_patch_embedding_order():
 
 @pytest.mark.skipif(not (REALAD / 'mvtec_ad' / 'bottle').is_dir(), reason='needs the real bottle data')
 def test_generator_fits_real_images_quickly():
-  """60 AdamW steps of L1 on 32 bottle images (64 px) with a 1+1-block generator. With Flax's default
+  """60 AdamW steps of L1 on 32 bottle images (64 px) with a 1+1+1-block U-ViT. With Flax's default
   head init the first reconstruction is N(0, 1) noise and L1 stays above 0.12 after 60 steps; the
   grey-start head (small_head) gets below it."""
   files = sorted((REALAD / 'mvtec_ad' / 'bottle' / 'train' / 'good').glob('*.png'))[:32]
   x = np.stack([folder.load_image(str(f), 64, 3) for f in files])
   losses_ = {}
   for small in (False, True):
-    gen = mask_vitgan.UViTGenerator(8, 32, 1, 2, 16, 3, small_head=small)
+    gen = mask_vitgan.UViTGenerator(8, 32, 3, 2, 3, small_head=small)
     params = gen.init(jax.random.key(1), x[:8])['params']
     tx = optax.adamw(5e-4, b1=0.5)
     opt = tx.init(params)
@@ -137,13 +190,14 @@ def test_generator_fits_real_images_quickly():
   assert losses_[True] < 0.12 < losses_[False], losses_
 
 
-def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
+@pytest.mark.parametrize('share_encoder', [False, True])
+def test_one_gan_step_changes_both_parameter_sets_and_nothing_else(share_encoder):
   c = tiny_config(
     '',
     **{
-      'mask_vitgan.depth': 2,
+      'mask_vitgan.share_encoder': share_encoder,
+      'mask_vitgan.depth': 3,
       'mask_vitgan.width': 32,
-      'mask_vitgan.latent_dim': 16,
       'mask_vitgan.disc_depth': 2,
       'mask_vitgan.disc_width': 32,
       'mask_vitgan.disc_feature_dim': 16,
@@ -157,6 +211,13 @@ def test_one_gan_step_changes_both_parameter_sets_and_nothing_else():
   state = jax.jit(model.init)(jax.random.key(1), batch, {})
   new, metrics = jax.jit(model.train_step)(state, batch, jax.random.key(2), {})
   assert set(new) == {'g', 'd'}
+  # The extra encoder: own weights (patch embedding + in-blocks, as the generator's encoder), or none.
+  extra = state['g'].params.get('encoder')
+  if share_encoder:
+    assert extra is None
+  else:
+    own = state['g'].params['generator']['encoder']
+    assert jax.tree.map(jnp.shape, extra) == jax.tree.map(jnp.shape, own)
   assert jax.tree.structure(new) == jax.tree.structure(state)
   for name in ('g', 'd'):
     assert int(new[name].step) == int(state[name].step) + 1
@@ -208,19 +269,61 @@ def _smoke(config, workdir):
     config.dataset.channels,
   )
   images = np.stack([test[i]['image'] for i in range(2)])
-  maps, scores = jax.jit(model.score)(state, {'image': images}, frozen)
+  maps, scores = jax.jit(model.score)(
+    models.with_reference(state, {'mu': np.zeros(3)}), {'image': images}, frozen
+  )
   assert maps.shape == (2, 64, 64) and scores.shape == (2,)
   assert np.all(np.isfinite(maps))
   return state
 
 
-def test_default_config_one_step_through_harness(tiny_dataset, tmp_path):
-  _smoke(tiny_config(tiny_dataset), tmp_path)
+def test_reference_mu_is_fitted_per_category_and_restored_by_load(tiny_dataset, tmp_path):
+  """The default config (small widths) through the harness, one model for both categories (3 steps):
+  each category's mu_i is the mean of average(E_i) over its own training images, saved with its
+  calibration and the one that jaxad.load scores with."""
+  config = tiny_config(tiny_dataset, **SMALL)
+  train.train_and_evaluate(config, str(tmp_path))
+  detector = jaxad.load(str(tmp_path))
+  categories = folder.list_categories(tiny_dataset)
+  assert detector.categories == categories
+  model = train.build_model(config, 1)
+  state = detector._runs[categories[0]].state  # Restored from the checkpoint; one for both categories.
+  mus = {}
+  for category in categories:
+    samples = pipeline.scan(config, tiny_dataset, category, 'train')
+    source = pipeline.ImageSource(samples, 64, 3)
+    images = np.stack([source[i]['image'] for i in range(len(source))])
+    want = np.mean(jax.jit(model.reference)(state, {'image': images}, {})['mu'], axis=0)
+    mus[category] = detector.calibrations[category].reference['mu']
+    np.testing.assert_allclose(mus[category], want, rtol=1e-5)
+    assert calibration.load(str(tmp_path), category).reference['mu'].shape == (3,)
+    test = pipeline.ImageSource(pipeline.scan(config, tiny_dataset, category, 'test'), 64, 3)
+    x = np.stack([test[i]['image'] for i in range(4)])
+    maps, _ = jax.jit(model.score)(models.with_reference(state, {'mu': want}), {'image': x}, {})
+    np.testing.assert_allclose(detector.predict(x, category=category).maps, maps, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(*mus.values())
 
 
-@pytest.mark.slow  # minutes: compiles 47 unrolled blocks.
+def test_paper_config_settings():
+  paper = mask_vitgan_config.get_config('paper')
+  m = paper.mask_vitgan
+  assert (m.depth, mask_vitgan.uvit_split(m.depth), m.disc_depth, m.tome_r) == (13, 6, 8, 2)
+  assert paper.dataset.unified is False and paper.num_epochs == 500 and paper.batch_size == 8
+  assert paper.optimizer.name == 'adamw' and paper.optimizer.learning_rate == 1e-4
+  assert tuple(m.alpha) == (1.0, 1.0, 20.0)
+  # Scoring in SCADN's lineage: squared error, Eq. 8 with mu_i, no smoothing, the final map's mean.
+  assert (m.error, m.select, m.smoothing_sigma, m.image_score, paper.image_score) == (
+    'l2',
+    'eq8',
+    0,
+    'mean',
+    'model',
+  )
+
+
+@pytest.mark.slow  # minutes: compiles 27 unrolled blocks.
 def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
-  """The paper's depths (13 + 13 generator blocks, 13 in the extra encoder, 8 ToMe blocks with r=2)
+  """The paper's depths (a 6 + 1 + 6-block U-ViT, 6 in-blocks in the extra encoder, 8 ToMe blocks, r=2)
   at 64x64 and a small width, so it compiles in CPU test time."""
   c = tiny_config(
     tiny_dataset,
@@ -228,22 +331,16 @@ def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
     **{
       'mask_vitgan.width': 32,
       'mask_vitgan.num_heads': 2,
-      'mask_vitgan.latent_dim': 16,
       'mask_vitgan.disc_width': 32,
       'mask_vitgan.disc_num_heads': 2,
       'mask_vitgan.disc_feature_dim': 16,
     },
   )
-  paper = mask_vitgan_config.get_config('paper')
-  assert (paper.mask_vitgan.depth, paper.mask_vitgan.disc_depth, paper.mask_vitgan.tome_r) == (13, 8, 2)
-  assert paper.dataset.unified is False and paper.num_epochs == 500 and paper.batch_size == 8
-  assert paper.optimizer.name == 'adamw' and paper.optimizer.learning_rate == 1e-4
-  assert tuple(paper.mask_vitgan.alpha) == (1.0, 1.0, 20.0)
   state = _smoke(c, tmp_path)
   gen = state['g'].params['generator']
-  assert sum(k.startswith('decoder_block_') for k in gen) == 13
-  assert sum(k.startswith('block_') for k in gen['encoder']) == 13
-  assert sum(k.startswith('block_') for k in state['g'].params['encoder']) == 13
+  assert sum(k.startswith('in_block_') for k in gen['encoder']) == 6 and 'mid_block' in gen
+  assert sum(k.startswith('out_block_') for k in gen) == sum(k.startswith('skip_linear_') for k in gen) == 6
+  assert sum(k.startswith('in_block_') for k in state['g'].params['encoder']) == 6
   assert sum(k.startswith('block_') for k in state['d'].params) == 8
 
 

@@ -17,6 +17,16 @@ jits and shards:
                                            them in place of recomputing.
   prepare(source) -> dict                  optional: arrays chosen from the training source (e.g. RB-AE's
                                            reference image), added to the example batch `init` sees.
+  reference(state, batch, frozen) -> dict  optional: per-image statistics {name: [B, ...]} of normal
+                                           images that `score` compares against (Mask-ViT-GAN: the
+                                           mean error of each mask scale, Eq. 8's mu_i). After
+                                           training, the harness averages them over each category's
+                                           training images (jaxad.evaluate.fit_reference), keeps the
+                                           means in that category's calibration (jaxad.calibration,
+                                           so a unified model still has one reference per category)
+                                           and scores with `with_reference(state, means)`. A model
+                                           with `reference` has a dict state, and its `score` reads
+                                           state['reference'].
 
 `batch` is a dict of arrays: 'image' float32 [B, H, W, C] in [0, 1] (always present at test time),
 'label' int32 [B] and 'mask' uint8 [B, H, W] at test time, and any cached `precompute` outputs.
@@ -29,6 +39,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from jaxad import optim
@@ -43,6 +54,12 @@ class AnomalyModel:
   precompute: Callable[..., Any] | None = None
   cached_keys: tuple[str, ...] = ()
   prepare: Callable[..., Any] | None = None
+  reference: Callable[..., Any] | None = None
+
+
+def with_reference(state: dict, reference: dict) -> dict:
+  """The model state `score` sees for one category: `state` plus state['reference'] (`reference` hook)."""
+  return {**state, 'reference': {k: np.asarray(v, np.float32) for k, v in reference.items()}}
 
 
 @dataclasses.dataclass(frozen=True)

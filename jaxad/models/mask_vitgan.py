@@ -6,13 +6,14 @@ Fusion", Sensors 2023. Results and deviations: docs/models/mask_vitgan.md.
 * Masks (Sec. 2.2, Fig. 5): three scales; at each a checkerboard of n x n square blocks (n even, so
   white:black is exactly 1:1) and its complement. Mask value 1 ("white") = removed: those pixels
   are set to 0 before the generator.
-* Generator (Sec. 2.1, Fig. 2-4): GANomaly-style encoder-decoder of ViT blocks. Encoder: patch
-  embedding + fixed sincos positions, `depth` blocks, LayerNorm and a linear map to the latent
-  tokens z. Decoder: linear map back to the width, `depth` blocks, each fed concat(h_main, h_skip)
-  through a linear layer, where the skip of decoder block j is the output of encoder block
-  depth-1-j (U-ViT: first encoder block -> last decoder block, ...); LayerNorm, a linear patch
-  head, unpatchify, then a 3x3 convolution. An extra encoder (same architecture, own weights)
-  re-encodes the reconstruction: z_hat, for L_enc.
+* Generator (Sec. 2.1, Fig. 2-4, Sec. 3.2): a U-ViT [27] of `depth` = n + 1 + n Transformer blocks
+  (13 = 6 + 1 + 6 in the paper): patch embedding + fixed sincos positions and n in-blocks (the
+  encoder), one mid-block, n out-blocks, LayerNorm, a linear patch head, unpatchify, then a 3x3
+  convolution. Out-block j is fed linear(concat(h_main, h_skip)) with h_skip the output of in-block
+  n-1-j (U-ViT's long skips: first in-block -> last out-block, ...). The latent z of L_enc is the last
+  in-block's output (the tokens entering the mid-block); the extra encoder, the encoder part's
+  architecture (patch embedding + n in-blocks), re-encodes the reconstruction to z_hat, with its own
+  weights or, with `share_encoder`, the generator's.
 * Discriminator (Sec. 2.1.3, 2.3): ViT whose blocks merge r tokens each (ToMe, jaxad/models/tome.py),
   LayerNorm, size-weighted mean over tokens, a hidden "middle" layer (the features f used for
   feature matching) and a linear layer to one logit; D(x) = sigmoid(logit).
@@ -24,10 +25,12 @@ Fusion", Sensors 2023. Results and deviations: docs/models/mask_vitgan.md.
   generator step `start`, rising linearly to 1 at `end` (started with w = 1, the small default
   generator can stall at one input-independent output on the embedded data).
 * Test (Sec. 2.4.2, Eq. 6-9): all six masked copies are reconstructed; each complementary pair is
-  merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| (channel mean);
-  the final map is E_f with f = argmax_i (mean(E_i) - mu) where mu is the mean over the three
-  scales of mean(E_i) (Eq. 8; `select` offers the |.| reading and the plain average too); the
-  image score is the maximum of the Gaussian-smoothed final map.
+  merged over its removed areas, O_i = O_i1 M_i1 + O_i2 M_i2; E_i = |O_i - I| or (O_i - I)^2
+  (`error`, channel mean); the final map is E_f with f = argmax_i (average(E_i) - mu_i), where mu_i
+  is the per-scale reference: the mean of average(E_i) over the category's normal training images,
+  as SCADN keeps it (the `reference` hook; the harness stores it in the category's calibration).
+  `select` offers the |.| reading and the plain average too. The image score is the mean or the
+  maximum (`image_score`) of the final map, Gaussian-smoothed when `smoothing_sigma` > 0.
 """
 
 import flax.linen as nn
@@ -69,40 +72,52 @@ def _patch_embed(x, patch_size, width, dtype, name):
   return x.reshape(b, gh * gw, width) + pos.astype(x.dtype)
 
 
-class ViTEncoder(nn.Module):
-  """Image [B, H, W, C] -> (latent tokens z [B, N, latent_dim], block outputs [depth x [B, N, D]])."""
+def uvit_split(depth: int) -> int:
+  """In-blocks (= out-blocks) of a U-ViT of `depth` blocks in all: depth = 2 n + 1 (one mid-block)."""
+  if depth < 3 or depth % 2 == 0:
+    raise ValueError(
+      f'mask_vitgan.depth {depth} must be odd and >= 3: n >= 1 in-blocks + 1 mid-block + n out-blocks'
+    )
+  return depth // 2
+
+
+class UViTEncoder(nn.Module):
+  """Image [B, H, W, C] -> the in-blocks' outputs [num_blocks x [B, N, D]] (patch embedding, fixed
+  sincos positions, `num_blocks` Transformer blocks); the last is the latent the generator passes on."""
 
   patch_size: int
   width: int
-  depth: int
+  num_blocks: int
   num_heads: int
-  latent_dim: int
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
 
   @nn.compact
-  def __call__(self, image: jax.Array):
+  def __call__(self, image: jax.Array) -> list[jax.Array]:
     x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
     hs = []
-    for i in range(self.depth):
+    for i in range(self.num_blocks):
       x = layers.Block(
-        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'block_{i}'
+        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'in_block_{i}'
       )(x)
       hs.append(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
-    z = nn.Dense(self.latent_dim, dtype=self.dtype, name='to_latent')(x)
-    return z.astype(jnp.float32), hs
+    return hs
 
 
 class UViTGenerator(nn.Module):
-  """Masked image [B, H, W, C] -> (reconstruction [B, H, W, C], latent z [B, N, latent_dim])."""
+  """Masked image [B, H, W, C] -> (reconstruction [B, H, W, C], latent z [B, N, D]).
+
+  U-ViT (Bao et al., CVPR 2023) of `depth` = n + 1 + n blocks: the encoder (patch embedding, n
+  in-blocks), one mid-block, n out-blocks, LayerNorm, a linear patch head and a 3x3 convolution.
+  Out-block j first takes linear(concat(h_m, h_s)) with h_s the output of in-block n-1-j (the long
+  skips, Sec. 2.1.2, Fig. 4). z is the last in-block's output, the tokens entering the mid-block.
+  """
 
   patch_size: int
   width: int
   depth: int
   num_heads: int
-  latent_dim: int
   channels: int
   mlp_ratio: float = 4.0
   long_skips: bool = True
@@ -119,33 +134,32 @@ class UViTGenerator(nn.Module):
     hundreds of steps to undo. False: Flax default inits and a plain conv."""
     b, h, w, _ = image.shape
     p = self.patch_size
-    gh, gw = h // p, w // p
-    z, hs = ViTEncoder(
+    n = uvit_split(self.depth)
+    block = lambda name: layers.Block(
+      self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=name
+    )
+    hs = UViTEncoder(
       p,
       self.width,
-      self.depth,
+      n,
       self.num_heads,
-      self.latent_dim,
       self.mlp_ratio,
       self.dtype,
       self.attention_implementation,
       name='encoder',
     )(image)
-    pos = jnp.asarray(layers.sincos_pos_embed_2d(gh, gw, self.width)).astype(self.dtype)
-    x = nn.Dense(self.width, dtype=self.dtype, name='from_latent')(z.astype(self.dtype)) + pos
-    for j in range(self.depth):
+    z = hs[-1]
+    x = block('mid_block')(z)
+    for j in range(n):
       if self.long_skips:  # U-ViT: concat(h_m, h_s) -> linear, before the block.
-        skip = hs[self.depth - 1 - j]
         x = nn.Dense(self.width, dtype=self.dtype, name=f'skip_linear_{j}')(
-          jnp.concatenate([x, skip], axis=-1)
+          jnp.concatenate([x, hs[n - 1 - j]], -1)
         )
-      x = layers.Block(
-        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'decoder_block_{j}'
-      )(x)
-    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='decoder_norm')(x)
+      x = block(f'out_block_{j}')(x)
+    x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     head_init = nn.initializers.normal(0.02) if self.small_head else nn.initializers.lecun_normal()
     x = nn.Dense(p * p * self.channels, kernel_init=head_init, dtype=self.dtype, name='decoder_pred')(x)
-    x = layers.unpatchify(x, gh, gw, p, self.channels) + (0.5 if self.small_head else 0.0)
+    x = layers.unpatchify(x, h // p, w // p, p, self.channels) + (0.5 if self.small_head else 0.0)
     if self.out_conv:  # 3x3 conv against ViT patch artifacts (Sec. 2.1.2).
       if self.small_head:
         x = x + nn.Conv(
@@ -158,7 +172,7 @@ class UViTGenerator(nn.Module):
         )(x)
       else:
         x = nn.Conv(self.channels, (3, 3), padding='SAME', dtype=self.dtype, name='out_conv')(x)
-    return x.astype(jnp.float32), z
+    return x.astype(jnp.float32), z.astype(jnp.float32)
 
 
 class ToMeDiscriminator(nn.Module):
@@ -206,16 +220,20 @@ def consistency_loss(
   return con, {'l1': l1, 'ssim_loss': ssim, 'gradient_l1': grad}
 
 
-def select_error_map(errors: jax.Array, rule: str) -> jax.Array:
-  """errors [B, S, H, W] -> final map [B, H, W] (Eq. 8-9)."""
-  avg = jnp.mean(errors, axis=(2, 3))  # average(E_i)  [B, S]
-  mu = jnp.mean(avg, axis=1, keepdims=True)  # reference over the scales
+def select_error_map(errors: jax.Array, rule: str, mu: jax.Array | None = None) -> jax.Array:
+  """errors [B, S, H, W] -> final map [B, H, W] (Eq. 8-9).
+
+  mu [S]: the per-scale reference mu_i, the mean of average(E_i) over the normal training images
+  (`reference` in `build`); 'eq8' picks f = argmax_i (average(E_i) - mu_i), 'distance' the scale
+  furthest from its reference either way, 'mean' averages the three maps (mu unused).
+  """
   if rule == 'mean':
     return jnp.mean(errors, axis=1)
+  offset = jnp.mean(errors, axis=(2, 3)) - mu  # average(E_i) - mu_i  [B, S]
   if rule == 'eq8':
-    f = jnp.argmax(avg - mu, axis=1)
+    f = jnp.argmax(offset, axis=1)
   elif rule == 'distance':
-    f = jnp.argmax(jnp.abs(avg - mu), axis=1)
+    f = jnp.argmax(jnp.abs(offset), axis=1)
   else:
     raise ValueError(f"Unknown select rule {rule!r}; expected 'eq8', 'distance' or 'mean'.")
   return jnp.take_along_axis(errors, f[:, None, None, None], axis=1)[:, 0]
@@ -236,7 +254,6 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     cfg.width,
     cfg.depth,
     cfg.num_heads,
-    cfg.latent_dim,
     channels,
     cfg.mlp_ratio,
     cfg.long_skips,
@@ -245,16 +262,23 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     dtype,
     attention_implementation=ctx.attention_implementation,
   )
-  enc = ViTEncoder(
+  # The extra encoder of L_enc: the generator's encoder part (patch embedding + in-blocks), its own
+  # weights or, with `share_encoder`, the generator's.
+  enc = UViTEncoder(
     cfg.patch_size,
     cfg.width,
-    cfg.depth,
+    uvit_split(cfg.depth),
     cfg.num_heads,
-    cfg.latent_dim,
     cfg.mlp_ratio,
     dtype,
     attention_implementation=ctx.attention_implementation,
   )
+
+  def encode(g_params, image):
+    """z_hat [B, N, D]: the extra encoder's last in-block output for `image`."""
+    params = g_params['generator']['encoder'] if cfg.share_encoder else g_params['encoder']
+    return enc.apply({'params': params}, image)[-1].astype(jnp.float32)
+
   disc = ToMeDiscriminator(
     cfg.disc_patch_size,
     cfg.disc_width,
@@ -273,7 +297,9 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     del frozen
     x = batch['image']
     kg, ke, kd = jax.random.split(rng, 3)
-    g_params = {'generator': gen.init(kg, x)['params'], 'encoder': enc.init(ke, x)['params']}
+    g_params = {'generator': gen.init(kg, x)['params']}
+    if not cfg.share_encoder:
+      g_params['encoder'] = enc.init(ke, x)['params']
     d_params = disc.init(kd, x)['params']
     return {
       'g': train_state.TrainState.create(apply_fn=gen.apply, params=g_params, tx=g_tx),
@@ -310,7 +336,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     # (2) Generator with the updated discriminator fixed (Eq. 5); the extra encoder is part of G.
     def g_loss_fn(g_params, outputs, d_state):
       recon, z = outputs
-      z_hat, _ = enc.apply({'params': g_params['encoder']}, recon)
+      z_hat = encode(g_params, recon)
       _, feats = disc.apply({'params': d_state.params}, jnp.concatenate([x, recon]))
       real_f = jax.lax.stop_gradient(jnp.repeat(feats[:b], 2, axis=0))
       adv = jnp.mean(jnp.square(real_f - feats[b:]))
@@ -334,17 +360,25 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     recon = recon.reshape((b, num_scales, 2) + x.shape[1:])
     return jnp.sum(recon * removed, axis=2)
 
+  def error_maps(g_params, x):
+    """E_i [B, S, H, W] (Eq. 7): per-pixel error of each scale's merged reconstruction, channel mean."""
+    merged = reconstruct_scales(g_params, x)
+    if cfg.error == 'l1':
+      return jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)
+    if cfg.error == 'l2':
+      return jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
+    raise ValueError(f"Unknown mask_vitgan.error {cfg.error!r}; expected 'l1' or 'l2'.")
+
+  def reference(state, batch, frozen):
+    """average(E_i) per image [B, S]; the harness's mean over a category's training images is mu_i."""
+    del frozen
+    return {'mu': jnp.mean(error_maps(state['g'].params, batch['image'].astype(jnp.float32)), axis=(2, 3))}
+
   def score(state, batch, frozen):
     del frozen
-    x = batch['image'].astype(jnp.float32)
-    merged = reconstruct_scales(state['g'].params, x)
-    if cfg.error == 'l1':
-      errors = jnp.mean(jnp.abs(merged - x[:, None]), axis=-1)  # E_i (Eq. 7) [B, S, H, W]
-    elif cfg.error == 'l2':
-      errors = jnp.mean(jnp.square(merged - x[:, None]), axis=-1)
-    else:
-      raise ValueError(f"Unknown mask_vitgan.error {cfg.error!r}; expected 'l1' or 'l2'.")
-    maps = layers.gaussian_blur(select_error_map(errors, cfg.select), cfg.smoothing_sigma)
+    errors = error_maps(state['g'].params, batch['image'].astype(jnp.float32))
+    mu = None if cfg.select == 'mean' else state['reference']['mu']
+    maps = layers.gaussian_blur(select_error_map(errors, cfg.select, mu), cfg.smoothing_sigma)
     if cfg.image_score == 'max':
       scores = jnp.max(maps, axis=(1, 2))
     elif cfg.image_score == 'mean':
@@ -353,4 +387,4 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
       raise ValueError(f"Unknown mask_vitgan.image_score {cfg.image_score!r}; expected 'max' or 'mean'.")
     return maps, scores
 
-  return AnomalyModel(init=init, train_step=train_step, score=score)
+  return AnomalyModel(init=init, train_step=train_step, score=score, reference=reference)
