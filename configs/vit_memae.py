@@ -44,9 +44,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.vit_memae.depth = 4  # L: Transformer blocks of the encoder.
   c.vit_memae.num_heads = 4  # Attention heads.
   c.vit_memae.mlp_ratio = 4.0  # MLP hidden width / D.
-  # True: the encoder's blocks as one nn.scan over stacked params (compiled once). Off: the decoder
-  # dominates the compile, scanning saves ~10 % (docs/performance.md, Compile time).
-  # Changes the parameter layout of checkpoints.
+  # True: the encoder's blocks as one nn.scan over stacked params (compiled once; the :paper train
+  # step in ~0.7x the CPU time, docs/performance.md). Changes the parameter layout of checkpoints.
   c.vit_memae.scan_blocks = False
   c.vit_memae.use_memory = True  # Table 6 "M": memory module between encoder and decoder.
   c.vit_memae.num_memory = 100  # N: memory items (not given in the paper; MemAE uses 100 for images).
