@@ -38,6 +38,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.sivt.smoothing_sigma = 4.0  # Gaussian sigma (pixels at image_size) for the final map.
   c.sivt.test_partition_seed = 0  # Seed of the fixed induction partitions used at test time.
   c.sivt.test_partitions = 1  # Fixed partitions whose anomaly maps are averaged at test time.
+  # Image score = std of which map: 'smoothed' (after the resize to image_size and the Gaussian) or
+  # 'eq3' (Eq. 3's map A itself, feature_size^2, before resizing and smoothing).
+  c.sivt.image_score_map = 'smoothed'
 
   if variant == 'paper':
     c.dataset.image_size = 256
@@ -55,4 +58,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     # The paper does not fix the head count: 10 heads (head dim 24, a multiple of 8) can use cuDNN's
     # fused attention; 12 (dim 20) cannot (docs/performance.md).
     c.sivt.num_heads = 10
+    c.sivt.image_score_map = 'eq3'
   return c

@@ -5,9 +5,12 @@
                           and one PVT block per ViT module in G, a conv-only D.
   configs/tmirn.py:paper  Sec. IV-C: 224x224, base width 32 (Table I: 128x28x28, 256x14x14,
                           512x7x7), Adam 2e-4 betas (0.5, 0.999), 200 epochs, random flips and
-                          +-10 degree rotations, one model per category.
+                          +-10 degree rotations, one model per category; float32, the skip at
+                          z_low (Sec. III-E), E_pos in every PVT block (Eq. 5), ||.||_2 as the
+                          per-sample norm in Eq. 15-19.
 
-Ablations (Sec. IV-E), on any variant: --config.tmirn.num_skips=0..3 (Fig. 14), --config.tmirn.use_maff
+Ablations (Sec. IV-E), on any variant: --config.tmirn.num_skips=0..3 (Fig. 14; from
+--config.tmirn.skip_from=deepest|lowest), --config.tmirn.use_maff
 (Table IV), --config.tmirn.score_parts=image|feature|both and --config.tmirn.smooth_kernels='()' (Table VI).
 """
 
@@ -43,8 +46,15 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # True: each ViT module's PVT blocks as one nn.scan over stacked params (compiled once per module;
   # nothing to gain at vit_depth 1). Changes the parameter layout of checkpoints.
   c.tmirn.scan_blocks = False
+  # Where Eq. 5's learned E_pos is added: 'module_input' (once, to each ViT module's input) or
+  # 'every_block' (the module's E_pos added to every PVT block's input, Eq. 5 for each layer l).
+  c.tmirn.pos_embed = 'module_input'
   c.tmirn.latent_dim = 64  # Width of the bottleneck's fully connected code (Fig. 8).
-  c.tmirn.num_skips = 1  # Skip connections from the deepest level up (Fig. 14: 1 is best).
+  c.tmirn.num_skips = 1  # Skip connections, counted from `skip_from` (Fig. 14: 1 is best).
+  # Level of the first skip: 'deepest' (z_high, S/32; Fig. 14 counts "from the deep features"; 2x2 at
+  # 64 px) or 'lowest' (z_low, S/8: Sec. III-E "only between the lowest-level features", Table I's
+  # 28x28 "low-level feature"). Changes the parameter layout of checkpoints.
+  c.tmirn.skip_from = 'deepest'
   c.tmirn.use_maff = True  # MAFF fusion (Eq. 9-11); False: one CBL per level (Table IV).
   # Losses (Eq. 15-20).
   c.tmirn.loss_weights = (0.6, 0.3, 0.1)  # (omega_1 L_i, omega_2 L_f, omega_3 L_adv), Eq. 20.
@@ -54,6 +64,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.tmirn.l2_loss = 'norm'  # ||.||_2 of L_i, L_f (Eq. 17-18): 'norm' = per-sample Euclidean norm
   # (its image gradient has the scale of D's, unit-norm under the GP);
   # 'mse' = mean squared error (then L_adv outweighs L_i ~40x).
+  # ||.||_2 of L_D, L_adv (Eq. 15, 19) on D's scalar output: 'mse' = squared error (LSGAN);
+  # 'norm' = |D - label|, the same per-sample norm as l2_loss='norm'.
+  c.tmirn.adversarial_loss = 'mse'
   c.tmirn.feature_loss_stop_gradient = True  # L_f trains the decoder towards fixed encoder features.
   # Anomaly score (Eq. 12-14).
   c.tmirn.scale_weights = (0.5, 0.3, 0.2)  # lambda_x for (large, medium, small), summing to 1.
@@ -62,6 +75,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.tmirn.image_smoothing_sigma = 1.0  # Gaussian sigma (pixels at image_size) denoising S_i.
 
   if variant == 'paper':
+    # fp32 as the paper trained (PyTorch default); the gradient penalty takes second-order gradients.
+    c.dtype = 'float32'
     c.dataset.image_size = 224
     c.dataset.unified = False  # One model per category.
     # batch_size 16: not given in the paper.
@@ -83,6 +98,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.tmirn.scan_blocks = True  # The train step compiles in ~0.6x the CPU time (docs/performance.md).
     c.tmirn.pool_tokens = 7  # K, V pooled to 7x7 (PVTv2-li).
     c.tmirn.latent_dim = 256  # Not given in the paper.
+    c.tmirn.pos_embed = 'every_block'
+    c.tmirn.skip_from = 'lowest'
+    c.tmirn.adversarial_loss = 'norm'  # One reading of ||.||_2 in Eq. 15-19 (docs/models/tmirn.md).
     c.tmirn.ssim_filter_size = 11
     c.tmirn.image_smoothing_sigma = 4.0
   return c

@@ -9,6 +9,7 @@ from configs import mean_image as mean_image_config
 from configs import sivt as sivt_config
 from jaxad import parallel, train
 from jaxad.data import folder, pipeline
+from jaxad.models import sivt
 
 
 def _folder(config, root, **overrides):
@@ -35,6 +36,37 @@ def test_paper_variant_has_the_papers_size():
   state = jax.eval_shape(lambda x: model.init(jax.random.key(0), {'image': x}, model.frozen), image)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   assert 13e6 < n_params < 16e6, n_params  # The paper reports 14.59 M.
+
+
+def test_eq3_image_score_is_the_std_of_the_feature_size_map():
+  """image_score_map='eq3' (`:paper`): the image score is numpy's std of Eq. 3's map A = ||F - F~||^2 *
+  (1 - cos(F, F~)) at feature_size^2, before resizing and smoothing; 'smoothed' (the default) scores the
+  resized, smoothed map the model returns under both settings."""
+  config = sivt_config.get_config()
+  config.sivt.update(width=16, encoder_depth=1, decoder_depth=1, num_heads=2, feature_size=32)
+  features = jax.random.normal(jax.random.key(0), (2, 32, 32, 24))
+  batch = {'features': features}
+  scores, maps = {}, {}
+  for image_score_map in ('smoothed', 'eq3'):
+    config.sivt.image_score_map = image_score_map
+    model = train.build_model(config, total_steps=1)
+    state = model.init(jax.random.key(1), batch, model.frozen)
+    maps[image_score_map], scores[image_score_map] = (
+      np.asarray(v) for v in model.score(state, batch, model.frozen)
+    )
+  num_tokens = (32 // config.sivt.patch_size) ** 2
+  key = jax.random.split(jax.random.key(config.sivt.test_partition_seed), 1)[0]  # As `build` draws it.
+  partition = sivt.random_partition(key, num_tokens, config.sivt.num_subsets)
+  f = np.asarray(features, np.float64)
+  r = np.asarray(state.apply_fn({'params': state.params}, features, partition), np.float64)
+  cos = np.sum(f * r, -1) / (np.linalg.norm(f, axis=-1) * np.linalg.norm(r, axis=-1))
+  a = np.sum((f - r) ** 2, -1) * (1 - cos)  # [2, 32, 32]
+  np.testing.assert_allclose(scores['eq3'], np.std(a, axis=(1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(scores['smoothed'], np.std(maps['smoothed'], axis=(1, 2)), rtol=1e-5)
+  assert not np.allclose(scores['smoothed'], scores['eq3'], rtol=1e-2)
+  np.testing.assert_array_equal(maps['eq3'], maps['smoothed'])
+  assert maps['eq3'].shape == (2, config.dataset.image_size, config.dataset.image_size)
+  assert sivt_config.get_config('paper').sivt.image_score_map == 'eq3'
 
 
 @pytest.mark.slow  # minutes, nearly all of it compiling the b4 backbone + 20 blocks.

@@ -3,6 +3,7 @@ references, the gradient penalty, the score parts, one GAN step, NaN handling, a
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from conftest import override
 from configs import tmirn as tmirn_config
 from jaxad import metrics, parallel, train
 from jaxad.data import pipeline
-from jaxad.models import tmirn
+from jaxad.models import layers, tmirn
 
 
 def _tiny_config(**overrides):
@@ -65,7 +66,9 @@ def test_paper_shapes_match_table1():
   # Sec. III-F: the S_f features are 64x56x56, 128x28x28 and 256x14x14, in encoder and decoder.
   want = [(2, 56, 56, 64), (2, 28, 28, 128), (2, 14, 14, 256)]
   assert [f.shape for f in enc_f] == want and [f.shape for f in dec_f] == want
-  assert 'skip_5' in gv['params'] and 'skip_4' not in gv['params']  # One skip, deepest level.
+  # One skip, at z_low (Sec. III-E): 128x28x28.
+  assert [k for k in gv['params'] if k.startswith('skip_')] == ['skip_3']
+  assert gv['params']['skip_3']['expand']['Conv_0']['kernel'].shape == (1, 1, 32, 128)
   dv = jax.eval_shape(lambda s: disc.init(jax.random.key(0), s, train=False), scales)
   assert jax.eval_shape(lambda v, s: disc.apply(v, s, train=False), dv, scales).shape == (2,)
   counts = tmirn.count_params(config.tmirn, train.model_context(config, 1))  # The paper: 84.9 M (Table II).
@@ -86,6 +89,59 @@ def test_skip_and_maff_switches(num_skips):
   maff = params['encoder']['maff']
   assert ('eca_low' in maff) == config.tmirn.use_maff
   assert ('cbl_3' in maff) == (not config.tmirn.use_maff)
+
+
+def _zeroed_skip_changes(config, x) -> dict[int, bool]:
+  """{decoder level: whether zeroing the skip connection's output changes that level's features}."""
+  gen, _ = tmirn.networks(config.tmirn, train.model_context(config, 1))
+  variables = gen.init(jax.random.key(0), x, train=False)
+
+  def zero_skip(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    is_skip = isinstance(context.module, tmirn.SkipConnection) and context.method_name == '__call__'
+    return jnp.zeros_like(out) if is_skip else out
+
+  _, _, dec_f = gen.apply(variables, x, train=False)
+  with nn.intercept_methods(zero_skip):
+    _, _, zeroed = gen.apply(variables, x, train=False)
+  return {l: not np.allclose(a, b) for l, a, b in zip(tmirn.FEATURE_LEVELS, dec_f, zeroed)}
+
+
+def test_skip_from_switch_chooses_the_decoder_level_that_receives_the_skip():
+  """'deepest': the skip enters at level 5 (S/32), so every decoder level depends on it; 'lowest':
+  it enters at level 3 (S/8, z_low), so level 4 (S/16), decoded before it, does not."""
+  x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
+  changes = {}
+  for skip_from in ('deepest', 'lowest'):
+    config = _tiny_config(**{'tmirn.skip_from': skip_from, 'tmirn.vit_depth': 0})
+    changes[skip_from] = _zeroed_skip_changes(config, x)
+  assert changes['deepest'] == {2: True, 3: True, 4: True}
+  assert changes['lowest'] == {2: True, 3: True, 4: False}
+  assert tmirn_config.get_config().tmirn.skip_from == 'deepest'
+  assert tmirn_config.get_config('paper').tmirn.skip_from == 'lowest'
+
+
+def test_pos_embed_every_block_adds_the_modules_embedding_to_each_block_input():
+  """Eq. 5: Z_l' = LMSA(LN(Z_{l-1} + E_pos)) + Z_{l-1} + E_pos for every layer l, checked against the
+  module's own PVT blocks applied by hand; 'module_input' adds E_pos to the first block's input only.
+  Scanned blocks give the same output."""
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  outs = {}
+  for pos_embed in ('module_input', 'every_block'):
+    vit = tmirn.ViTModule(depth=2, head_dim=4, pool_tokens=4, pos_embed=pos_embed)
+    params = vit.init(jax.random.key(1), x)['params']
+    outs[pos_embed] = np.asarray(vit.apply({'params': params}, x))
+    block = tmirn.PVTBlock(num_heads=2, pool=2)
+    pos = params['pos_embed']
+    y = x
+    for i in range(2):
+      offset = pos if i == 0 or pos_embed == 'every_block' else 0.0
+      y = block.apply({'params': params[f'block_{i}']}, y + offset)
+    np.testing.assert_allclose(outs[pos_embed], np.asarray(x + y), atol=1e-5)
+    scanned = dataclasses.replace(vit, scan_blocks=True)
+    stacked = layers.stack_block_params(params, 'block')
+    np.testing.assert_allclose(np.asarray(scanned.apply({'params': stacked}, x)), outs[pos_embed], atol=1e-5)
+  assert not np.allclose(outs['module_input'], outs['every_block'])
 
 
 # --------------------------------------------------------------------------- ECA, pooled attention
@@ -168,6 +224,18 @@ def test_l2_loss_is_the_per_sample_euclidean_norm_with_a_unit_gradient():
     np.testing.assert_allclose(np.sqrt(np.sum(np.square(g), axis=(1, 2, 3))), 1 / 3, rtol=1e-5)
   config = tmirn_config.get_config()
   assert config.tmirn.l2_loss == 'norm' and tmirn_config.get_config('paper').tmirn.l2_loss == 'norm'
+
+
+def test_adversarial_norm_reading_is_the_absolute_error_of_each_score():
+  """Eq. 15, 19 read as l2_loss='norm' reads Eq. 17-18: ||D - label||_2 of a sample's scalar score is
+  |D - label|, averaged over the batch; 'mse' is the LSGAN squared error. `:paper` reads 'norm' in all."""
+  scores = jnp.asarray([0.3, 1.4, -0.2], jnp.float32)
+  target = jnp.full_like(scores, 0.9)
+  assert float(tmirn.DISTANCES['norm'](scores, target)) == pytest.approx(np.mean([0.6, 0.5, 1.1]), rel=1e-5)
+  assert float(tmirn.DISTANCES['mse'](scores, target)) == pytest.approx(np.mean([0.36, 0.25, 1.21]), rel=1e-5)
+  paper = tmirn_config.get_config('paper')
+  assert (paper.tmirn.l2_loss, paper.tmirn.adversarial_loss, paper.dtype) == ('norm', 'norm', 'float32')
+  assert tmirn_config.get_config().tmirn.adversarial_loss == 'mse'
 
 
 def test_mean_smoothing_matches_numpy_reference():

@@ -79,22 +79,28 @@ class Block(nn.Module):
 
 
 def repeat_blocks(
-  make_block: Callable[[str], nn.Module], depth: int, scan: bool, name: str
+  make_block: Callable[[str], nn.Module],
+  depth: int,
+  scan: bool,
+  name: str,
+  input_offset: jax.Array | None = None,
 ) -> Callable[[jax.Array], jax.Array]:
   """x -> `depth` blocks `make_block(name)` (each x -> x, params only) applied in turn.
 
-  Call inside a compact `__call__`. Unrolled (`scan=False`): the blocks are submodules `{name}_{i}`.
-  Scanned: one submodule `name` whose params carry a leading axis of size `depth`, applied by
-  `nn.scan`, so XLA compiles the block once instead of `depth` times (`stack_block_params` maps
-  the unrolled params onto this layout).
+  `input_offset` (broadcastable to x), if given, is added to every block's input (e.g. a position
+  embedding added in every layer). Call inside a compact `__call__`. Unrolled (`scan=False`): the blocks
+  are submodules `{name}_{i}`. Scanned: one submodule `name` whose params carry a leading axis of size
+  `depth`, applied by `nn.scan`, so XLA compiles the block once instead of `depth` times
+  (`stack_block_params` maps the unrolled params onto this layout).
   """
+  shift = (lambda x: x) if input_offset is None else (lambda x: x + input_offset)
   if not scan:
     blocks = [make_block(f'{name}_{i}') for i in range(depth)]
-    return lambda x: functools.reduce(lambda y, block: block(y), blocks, x)
+    return lambda x: functools.reduce(lambda y, block: block(shift(y)), blocks, x)
   if depth == 0:
     return lambda x: x
   body = nn.scan(
-    lambda block, x, _: (block(x), None),
+    lambda block, x, _: (block(shift(x)), None),
     variable_axes={'params': 0},
     split_rngs={'params': True},
     length=depth,

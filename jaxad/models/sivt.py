@@ -21,7 +21,7 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 
 # Config fields of the `sivt` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
-SCORING_FIELDS = ('smoothing_sigma', 'test_partition_seed', 'test_partitions')
+SCORING_FIELDS = ('smoothing_sigma', 'test_partition_seed', 'test_partitions', 'image_score_map')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
 LAYOUT_FIELDS = {'scan_blocks': False}
@@ -126,6 +126,10 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)
   test_partitions = [random_partition(k, num_tokens, cfg.num_subsets) for k in test_keys]
   image_size = ctx.image_size
+  # Absent from records made before the switch: the map it scored then.
+  image_score_map = cfg.get('image_score_map', 'smoothed')
+  if image_score_map not in ('smoothed', 'eq3'):
+    raise ValueError(f"sivt.image_score_map must be 'smoothed' or 'eq3', got {image_score_map!r}")
 
   def precompute(batch, frozen):
     """F: backbone maps resized to feature_size and concatenated over channels (Sec. III-B)."""
@@ -156,13 +160,13 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
 
   def score(state, batch, frozen):
     features = features_of(batch, frozen)
-    maps = 0.0
+    a = 0.0  # Eq. 3's map A [B, feature_size, feature_size].
     for partition in test_partitions:  # Fixed, seeded partitions; their Eq. 3 maps are averaged.
       sq, one_minus_cos = residuals(features, net.apply({'params': state.params}, features, partition))
-      maps += sq * one_minus_cos / len(test_partitions)
-    maps = layers.resize_maps(maps, image_size)  # Eq. 3, then resize + smooth.
-    maps = layers.gaussian_blur(maps, cfg.smoothing_sigma)
-    return maps, jnp.std(maps, axis=(1, 2))
+      a += sq * one_minus_cos / len(test_partitions)
+    maps = layers.gaussian_blur(layers.resize_maps(a, image_size), cfg.smoothing_sigma)
+    scored = a if image_score_map == 'eq3' else maps
+    return maps, jnp.std(scored, axis=(1, 2))
 
   return AnomalyModel(
     init=init,

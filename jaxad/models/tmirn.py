@@ -16,20 +16,24 @@ every width with `base_width` (the paper's 32).
   conv-BN-LReLU) fuse them into z_low 128x28x28, z_mid 256x14x14, z_high 512x7x7 (Table I).
   `use_maff=False` is the paper's "without MAFF" ablation: per level a CBL on the concatenation.
 * Bottleneck (Sec. III-E, Fig. 8): conv + global mean pool of z_high -> a fully connected
-  autoencoder (C -> latent -> 7*7*C) -> a 7x7 map. Skip connections (`num_skips`, paper: 1) start at
-  the deepest level (z_high, then z_mid, z_low), each through ECA and a 1/4-channel 1x1 bottleneck.
+  autoencoder (C -> latent -> 7*7*C) -> a 7x7 map. Skip connections (`num_skips`, paper: 1), each
+  through ECA and a 1/4-channel 1x1 bottleneck, start at the deepest level (`skip_from='deepest'`:
+  z_high, then z_mid, z_low; Fig. 14) or at the lowest (`'lowest'`: z_low at 28x28, Sec. III-E).
 * MTD (Sec. III-D): up blocks (bilinear x2 + 3x3 conv-BN-LReLU, no transposed convs) each followed by
   a ViT module, 7 -> 14 -> 28 -> 56 -> 112 -> 224; three CNN heads reconstruct the small (from the
   56 map), medium (112) and large (224) images (sigmoid, [0, 1]).
 * Discriminator (Sec. III-E): its own MTFE + MAFF, global mean pool of z_high, a linear head.
-* Losses (Sec. III-G): L_D = 1/2 (MSE(D(I_in), 0.9) + MSE(D(I_out), 0.1)) + lambda GP (Eq. 15-16,
-  squared errors as in LSGAN; GP on per-sample interpolates, all three scales share epsilon);
-  L_G = 0.6 L_i + 0.3 L_f + 0.1 L_adv (Eq. 17-20) with L_i = sum_x (1 - SSIM) + ||I_in - I_out||_2,
-  L_f = ||F_e - F_d||_2 of the encoder's (large-scale MTFE) and the decoder's features at 56, 28, 14
-  (the encoder side is a fixed target by default: `feature_loss_stop_gradient`), L_adv =
-  MSE(D(I_out), 1). ||.||_2 is each sample's Euclidean norm (`l2_loss='norm'`, as written): a mean
-  squared error instead (`'mse'`) has image gradients ~40x smaller than L_adv's under the GP, and the
-  generator then learns the adversarial term and barely reconstructs.
+* Losses (Sec. III-G): L_D = 1/2 (||D(I_in) - 0.9||_2 + ||D(I_out) - 0.1||_2) + lambda GP (Eq. 15-16;
+  GP on per-sample interpolates, all three scales share epsilon); L_G = 0.6 L_i + 0.3 L_f + 0.1 L_adv
+  (Eq. 17-20) with L_i = sum_x (1 - SSIM) + ||I_in - I_out||_2, L_f = ||F_e - F_d||_2 of the encoder's
+  (large-scale MTFE) and the decoder's features at 56, 28, 14 (the encoder side is a fixed target by
+  default: `feature_loss_stop_gradient`), L_adv = ||D(I_out) - 1||_2. ||.||_2 is either each sample's
+  Euclidean norm averaged over the batch ('norm'; on D's scalar output |D - label|) or a mean squared
+  error ('mse'), chosen for Eq. 17-18 by `l2_loss` and for Eq. 15, 19 by `adversarial_loss`. The
+  default pairs 'norm' with an 'mse' (LSGAN) adversarial term; `:paper` reads 'norm' throughout, so
+  every term's image gradient has the scale of its omega (a unit-norm gradient per sample for L_i, and
+  |dL_adv/dx| = ||grad D|| ~ 1 under the GP). With 'mse' in L_i the image gradients are ~40x smaller
+  than L_adv's, and the generator learns the adversarial term and barely reconstructs.
 * Score (Sec. III-F, Eq. 12-14): S_i = sum_x lambda_x ||I_in,x - I_out,x||_2 (channel norm, each
   upsampled to S); S_f = Up(Smooth(||F_e - F_d||_2)) with F resized to 56x56 and concatenated,
   Smooth = mean of stride-1 mean pools with three kernel sizes; S = S_i * S_f. Image score: max of S.
@@ -52,7 +56,7 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 SCORING_FIELDS = ('scale_weights', 'score_parts', 'smooth_kernels', 'image_smoothing_sigma')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
-LAYOUT_FIELDS = {'scan_blocks': False}
+LAYOUT_FIELDS = {'scan_blocks': False, 'skip_from': 'deepest'}
 
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
@@ -177,7 +181,11 @@ class PVTBlock(nn.Module):
 
 
 class ViTModule(nn.Module):
-  """Positional embedding (Eq. 5), `depth` PVT blocks and a skip around them (Fig. 5)."""
+  """Positional embedding (Eq. 5), `depth` PVT blocks and a skip around them (Fig. 5).
+
+  `pos_embed`: 'module_input' adds the learned E_pos once, to the first block's input; 'every_block'
+  adds the same E_pos to every block's input, as Eq. 5 writes Z_{l-1} + E_pos for each layer l.
+  """
 
   depth: int
   head_dim: int
@@ -185,6 +193,7 @@ class ViTModule(nn.Module):
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   scan_blocks: bool = False  # layers.repeat_blocks: the PVT block compiled once per module.
+  pos_embed: str = 'module_input'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -193,7 +202,10 @@ class ViTModule(nn.Module):
     pool = max(1, h // self.pool_tokens)
     heads = max(1, c // self.head_dim)
     block = lambda n: PVTBlock(heads, pool, self.mlp_ratio, self.dtype, name=n)
-    return x + layers.repeat_blocks(block, self.depth, self.scan_blocks, 'block')(x + pos.astype(x.dtype))
+    pos = pos.astype(x.dtype)
+    if self.pos_embed == 'every_block':
+      return x + layers.repeat_blocks(block, self.depth, self.scan_blocks, 'block', input_offset=pos)(x)
+    return x + layers.repeat_blocks(block, self.depth, self.scan_blocks, 'block')(x + pos)
 
 
 class Arch(nn.Module):
@@ -206,6 +218,7 @@ class Arch(nn.Module):
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   scan_blocks: bool = False  # ViTModule.scan_blocks.
+  pos_embed: str = 'module_input'  # ViTModule.pos_embed.
 
   def width(self, level: int) -> int:
     """Channels at encoder level `level` (1: S/2 ... 5: S/32)."""
@@ -213,7 +226,14 @@ class Arch(nn.Module):
 
   def vit(self, name):
     return ViTModule(
-      self.vit_depth, self.head_dim, self.pool_tokens, self.mlp_ratio, self.dtype, self.scan_blocks, name=name
+      self.vit_depth,
+      self.head_dim,
+      self.pool_tokens,
+      self.mlp_ratio,
+      self.dtype,
+      self.scan_blocks,
+      self.pos_embed,
+      name=name,
     )
 
 
@@ -277,6 +297,7 @@ class Encoder(Arch):
       mlp_ratio=self.mlp_ratio,
       dtype=self.dtype,
       scan_blocks=self.scan_blocks,
+      pos_embed=self.pos_embed,
     )
     per_scale = [
       MTFE(**kw, first_level=i + 1, name=f'mtfe_{n}')(x.astype(self.dtype), train)
@@ -363,11 +384,14 @@ class Generator(Arch):
   """Images [B, S, S, C] in [0, 1] -> (3 reconstructions, encoder features, decoder features).
 
   The features are the large-scale MTFE's and the decoder's maps at levels 2, 3, 4 (56, 28, 14).
+  `num_skips` skip connections are counted from `skip_from`: 'deepest' (z_high at level 5, then z_mid,
+  z_low; Fig. 14) or 'lowest' (z_low at level 3, 28x28 at S = 224, then z_mid, z_high; Sec. III-E).
   """
 
   channels: int = 3
   use_maff: bool = True
   num_skips: int = 1
+  skip_from: str = 'deepest'
   latent_dim: int = 256
 
   @nn.compact
@@ -380,13 +404,15 @@ class Generator(Arch):
       mlp_ratio=self.mlp_ratio,
       dtype=self.dtype,
       scan_blocks=self.scan_blocks,
+      pos_embed=self.pos_embed,
     )
     large, fused = Encoder(**kw, use_maff=self.use_maff, name='encoder')(multiscale(images), train)
     z_high = fused[2]
     x = Bottleneck(self.latent_dim, self.dtype, name='bottleneck')(z_high, train)
+    levels = (5, 4, 3) if self.skip_from == 'deepest' else (3, 4, 5)
     skips = {
-      level: SkipConnection(self.dtype, name=f'skip_{level}')(z, train)
-      for level, z in zip((5, 4, 3), fused[::-1][: self.num_skips])
+      level: SkipConnection(self.dtype, name=f'skip_{level}')(fused[level - 3], train)
+      for level in levels[: self.num_skips]
     }
     recon, dec = MTD(**kw, channels=self.channels, name='decoder')(x, skips, train)
     enc_f = tuple(large[l] for l in FEATURE_LEVELS)
@@ -409,6 +435,7 @@ class Discriminator(Arch):
       mlp_ratio=self.mlp_ratio,
       dtype=self.dtype,
       scan_blocks=self.scan_blocks,
+      pos_embed=self.pos_embed,
     )
     _, (_, _, z_high) = Encoder(**kw, use_maff=self.use_maff, name='encoder')(scales, train)
     pooled = jnp.mean(z_high.astype(jnp.float32), axis=(1, 2))
@@ -431,9 +458,14 @@ def gradient_penalty(critic, real, fake, eps: jax.Array) -> jax.Array:
 
 
 def l2_norm(a: jax.Array, b: jax.Array) -> jax.Array:
-  """||a - b||_2 of Eq. 17-18: the Euclidean norm over each sample's elements, averaged over the batch."""
+  """||a - b||_2 of Eq. 15-19 read as a norm: the Euclidean norm over each sample's elements (|a - b|
+  for D's [B] scores), averaged over the batch."""
   sq = jnp.sum(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
   return jnp.mean(jnp.sqrt(sq + 1e-12))
+
+
+# The two readings of ||a - b||_2 in Eq. 15-19 (`tmirn.l2_loss`, `tmirn.adversarial_loss`).
+DISTANCES = {'norm': l2_norm, 'mse': losses.mse}
 
 
 def mean_smooth(maps: jax.Array, kernels: tuple[int, ...]) -> jax.Array:
@@ -484,6 +516,13 @@ def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generat
     raise ValueError(f'tmirn needs image_size divisible by {2**NUM_LEVELS}, got {ctx.image_size}')
   if not 0 <= cfg.num_skips <= 3:
     raise ValueError(f'tmirn.num_skips must be 0-3, got {cfg.num_skips}')
+  # Absent from records made before these switches: the behaviour they had then.
+  skip_from = cfg.get('skip_from', 'deepest')
+  pos_embed = cfg.get('pos_embed', 'module_input')
+  if skip_from not in ('deepest', 'lowest'):
+    raise ValueError(f"tmirn.skip_from must be 'deepest' or 'lowest', got {skip_from!r}")
+  if pos_embed not in ('module_input', 'every_block'):
+    raise ValueError(f"tmirn.pos_embed must be 'module_input' or 'every_block', got {pos_embed!r}")
   if len(cfg.scale_weights) != 3:
     raise ValueError(f'tmirn.scale_weights needs 3 entries (large, medium, small): {cfg.scale_weights}')
   common = dict(
@@ -493,12 +532,14 @@ def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generat
     dtype=ctx.dtype,
     use_maff=cfg.use_maff,
     scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
+    pos_embed=pos_embed,
   )
   gen = Generator(
     base_width=cfg.base_width,
     vit_depth=cfg.vit_depth,
     channels=ctx.channels,
     num_skips=cfg.num_skips,
+    skip_from=skip_from,
     latent_dim=cfg.latent_dim,
     **common,
   )
@@ -513,7 +554,10 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   w_i, w_f, w_adv = (float(w) for w in cfg.loss_weights)
   real_label, fake_label = (float(v) for v in cfg.soft_labels)
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size)
-  distance = {'norm': l2_norm, 'mse': losses.mse}[cfg.l2_loss]
+  distance = DISTANCES[cfg.l2_loss]  # Eq. 17-18.
+  # Eq. 15, 19 on D's scalar outputs; absent from records made before the switch: 'mse'.
+  adversarial = DISTANCES[cfg.get('adversarial_loss', 'mse')]
+  target_distance = lambda scores, target: adversarial(scores, jnp.full_like(scores, target))
 
   def init(rng, batch, frozen):
     del frozen
@@ -551,7 +595,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
       )
       b = x.shape[0]
       d_real, d_fake = scores[:b], scores[b:]
-      adv = 0.5 * (jnp.mean(jnp.square(d_real - real_label)) + jnp.mean(jnp.square(d_fake - fake_label)))
+      adv = 0.5 * (target_distance(d_real, real_label) + target_distance(d_fake, fake_label))
       critic = lambda xs: disc.apply(
         {'params': p, 'batch_stats': d_state.batch_stats}, xs, train=True, mutable=['batch_stats']
       )[0]
@@ -580,7 +624,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
         train=True,
         mutable=['batch_stats'],
       )
-      l_adv = jnp.mean(jnp.square(scores - 1.0))  # Eq. 19
+      l_adv = target_distance(scores, 1.0)  # Eq. 19
       loss = w_i * l_i + w_f * l_f + w_adv * l_adv  # Eq. 20
       return loss, {'l_i': l_i, 'ssim_loss': l_ssim, 'l2': l_l2, 'l_f': l_f, 'l_adv': l_adv}
 
