@@ -49,7 +49,9 @@ def load_state(checkpoints: str, step: int) -> dict:
 
 
 def inside_outside(distance: np.ndarray, mask: np.ndarray) -> str:
-  return f'{distance[mask].mean():.3f} / {distance[~mask].mean():.3f}'
+  """'inside / outside' means; '-' inside when no map cell is mostly covered by a defect."""
+  inside = f'{distance[mask].mean():.3f}' if mask.any() else '-'
+  return f'{inside} / {distance[~mask].mean():.3f}'
 
 
 def main(argv):
@@ -105,7 +107,7 @@ def main(argv):
     mask = np.asarray(rbae.resize_mask(stack('defect_mask'), f_o[l].shape[1:3]) > 0.5)
     distance = lambda f: np.sqrt(np.mean(np.square(np.asarray(f - f_o[l])), -1))
     print(
-      f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]}, |F_o| '
+      f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]} ({int(mask.sum())} cells inside), |F_o| '
       f'{np.sqrt(np.mean(np.square(np.asarray(f_o[l])), -1)).mean():.3f}: '
       f'F_d {inside_outside(distance(f_d[l]), mask)}'
     )
@@ -117,7 +119,7 @@ def main(argv):
           for s in _SCALES.value
         )
       )
-    if ffm_attention is not None:
+    if ffm_attention is not None and mask.any():
       weights = np.asarray(ffm_attention[index].mean(-1))
       inside, outside = weights[:, mask].mean(1), weights[:, ~mask].mean(1)
       print(
