@@ -30,8 +30,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
   except AttributeError:
     raise ValueError(f'Unknown optax optimizer {opt.name!r}.') from None
   tx = factory(learning_rate=schedule, **opt.get('kwargs', {}))
-  if opt.l2_weight_decay:
-    tx = optax.chain(optax.add_decayed_weights(opt.l2_weight_decay), tx)
+  l2 = opt.get('l2_weight_decay', 0.0)  # Absent from records made before the knob.
+  if l2:
+    tx = optax.chain(optax.add_decayed_weights(l2), tx)
   if opt.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
   return tx

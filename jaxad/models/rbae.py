@@ -281,16 +281,20 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> RBAE:
     cfg.ffm_kernel,
     cfg.use_rbam,
     cfg.head_width,
-    cfg.stop_segmentation_gradient,
+    cfg.get('stop_segmentation_gradient', False),  # Absent from records made before the switch.
     ctx.dtype,
   )
+
+
+def perceptual_layers(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.get('perceptual_layers', 'stage_ends')  # Absent from records made before the switch.
 
 
 def _check(cfg: ml_collections.ConfigDict, ctx: ModelContext):
   names = tuple(ctx.phase_steps)
   if cfg.score not in ('msfdm', 'residual'):
     raise ValueError(f"Unknown rbae.score {cfg.score!r}; expected 'msfdm' or 'residual'.")
-  if cfg.perceptual_layers not in PERCEPTUAL_LAYERS:
+  if perceptual_layers(cfg) not in PERCEPTUAL_LAYERS:
     raise ValueError(
       f'Unknown rbae.perceptual_layers {cfg.perceptual_layers!r}; expected one of {tuple(PERCEPTUAL_LAYERS)}.'
     )
@@ -325,7 +329,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   }
   size = ctx.image_size
 
-  if cfg.perceptual_layers == 'first':
+  if perceptual_layers(cfg) == 'first':
     if VGG16_FIRST_CONVS[-1][-1] not in vgg.params['params']:
       raise ValueError(
         "rbae.perceptual_layers='first' needs VGG16 up to relu3_1: config.backbone.features must include 2."
