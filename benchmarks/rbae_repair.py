@@ -3,16 +3,17 @@
     python benchmarks/rbae_repair.py --config configs/rbae.py --workdir runs/rbae --category weave \
         [--scales 1,10,30,100] [--num_images 48] [--config.rbae.similarity_scale=...]
 
-Artificial defects (Eq. 1, the run's own `config.defects` and seed) are put on training images of the
-category. With the latest checkpoint's encoder (phase 2 keeps phase 1's encoder; the run must have
-finished phase 1), F_o = Phi(I_o), F_d = Phi(I_ad) and F_ref = Phi(reference image) are computed. For
-each RBAM layer it prints the RMS (over channels) distance to F_o, averaged inside the defect mask and
-outside it, of
+Artificial defects (Eq. 1, the run's own `config.defects` and seed, but on every image: no
+`clean_fraction`) are put on training images of the category. With the latest checkpoint's encoder
+(phase 2 keeps phase 1's encoder; the run must have finished phase 1), F_o = Phi(I_o), F_d = Phi(I_ad)
+and F_ref = Phi(reference image) are computed. For each RBAM layer it prints the RMS (over channels)
+distance to F_o, averaged inside the defect mask and outside it, of
   F_d                     (no repair: what the decoder gets without RBAM),
   RBFRM(F_d; K, scale)    (Eq. 3-5; Eq. 4 is scale 1) for K in rbae.patch_sizes and each --scales,
-and, when the checkpoint is in phase 2, the mean FFM weights (Eq. 7) of F_d, F_rep2,
-F_rep4 inside and outside the masks. A useful RBAM needs RBFRM below F_d inside the defects and FFM
-weights that move towards the repaired branches there. Config overrides must match the run's.
+and, when the checkpoint is in phase 2, the mean FFM weights (Eq. 7) of F_d, F_rep2, F_rep4 inside and
+outside the masks and the difference of the repaired branches' total weight (inside - outside). A useful
+RBAM needs RBFRM below F_d inside the defects and FFM weights that move towards the repaired branches
+there (a positive difference). Config overrides must match the run's.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from absl import (
 )
 from ml_collections import config_flags  # noqa: E402
 
-from jaxad import train  # noqa: E402
+from jaxad import models, train  # noqa: E402
 from jaxad.data import defects, pipeline  # noqa: E402
 from jaxad.models import rbae  # noqa: E402
 
@@ -48,7 +49,9 @@ def load_state(checkpoints: str, step: int) -> dict:
 
 
 def inside_outside(distance: np.ndarray, mask: np.ndarray) -> str:
-  return f'{distance[mask].mean():.3f} / {distance[~mask].mean():.3f}'
+  """'inside / outside' means; '-' inside when no map cell is mostly covered by a defect."""
+  inside = f'{distance[mask].mean():.3f}' if mask.any() else '-'
+  return f'{inside} / {distance[~mask].mean():.3f}'
 
 
 def main(argv):
@@ -63,9 +66,20 @@ def main(argv):
       f'{checkpoints} has no checkpoint at or after the end of phase 1 (step {phase1_end}; latest: {latest}).'
     )
   state = load_state(checkpoints, latest)  # Phase 2 leaves the encoder as phase 1 ended.
-  net = rbae.network(config)
+  context = models.ModelContext(
+    image_size=config.dataset.image_size,
+    channels=config.dataset.channels,
+    dtype=models.compute_dtype(config.dtype),
+    attention_implementation=config.attention_implementation,
+    total_steps=0,
+    phase_steps={},
+    optimizer_config=config.optimizer,
+  )
+  net = rbae.network(config.rbae, context)
   source = pipeline.image_source(config, samples)
-  synthesize = defects.synthesizer(config, source)
+  every_image = config.copy_and_resolve_references()
+  every_image.defects.clean_fraction = 0.0
+  synthesize = defects.synthesizer(every_image, source)
   rng = np.random.default_rng(config.seed)
   examples = [synthesize(source[i], rng) for i in range(min(_NUM_IMAGES.value, len(source)))]
   stack = lambda key: jnp.stack([e[key] for e in examples])
@@ -93,7 +107,7 @@ def main(argv):
     mask = np.asarray(rbae.resize_mask(stack('defect_mask'), f_o[l].shape[1:3]) > 0.5)
     distance = lambda f: np.sqrt(np.mean(np.square(np.asarray(f - f_o[l])), -1))
     print(
-      f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]}, |F_o| '
+      f'layer {layer} {f_o[l].shape[1]}x{f_o[l].shape[2]} ({int(mask.sum())} cells inside), |F_o| '
       f'{np.sqrt(np.mean(np.square(np.asarray(f_o[l])), -1)).mean():.3f}: '
       f'F_d {inside_outside(distance(f_d[l]), mask)}'
     )
@@ -105,12 +119,14 @@ def main(argv):
           for s in _SCALES.value
         )
       )
-    if ffm_attention is not None:
+    if ffm_attention is not None and mask.any():
       weights = np.asarray(ffm_attention[index].mean(-1))
+      inside, outside = weights[:, mask].mean(1), weights[:, ~mask].mean(1)
       print(
         f'  FFM weights (F_d, F_rep{config.rbae.patch_sizes[0]}, F_rep{config.rbae.patch_sizes[1]}) '
-        f'(scale {config.rbae.similarity_scale:g}): inside '
-        f'{np.round(weights[:, mask].mean(1), 3)}, outside {np.round(weights[:, ~mask].mean(1), 3)}'
+        f'(scale {config.rbae.similarity_scale:g}): inside {np.round(inside, 3)}, outside '
+        f'{np.round(outside, 3)}; repaired weight inside - outside '
+        f'{inside[1:].sum() - outside[1:].sum():+.3f}'
       )
 
 

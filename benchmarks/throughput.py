@@ -7,7 +7,8 @@ The model is built and stepped by the harness's own `train.setup` (model, ('data
 sharding, initial state, compiled steps) on one synthetic batch of uniform random images of the
 configured shape, fed as the harness feeds it: through its grain iterator and, for frozen-backbone
 models with `backbone.cache_features` and no augmentation, as the cached `precompute` outputs (e.g.
-SIVT's 'features'). The input pipeline itself is not timed.
+SIVT's 'features'). The input pipeline itself is not timed, so artificial defects (RB-AE) are filled
+procedurally whatever `defects.fill` says: a `:paper` config's fill folder is not needed.
 
 Compile times: `lower_s` traces and lowers the train step, `xla_compile_s` compiles it, or loads it
 when JAX's persistent compilation cache (`compilation_cache_dir` in the record) already holds it;
@@ -102,6 +103,7 @@ def measure(
 ) -> dict:
   """The JSON record of one model (see the module docstring); only compile times if `compile_only`."""
   config.batch_size = config.eval_batch_size = batch_size
+  config.defects.fill = 'procedural'  # The pipeline is not timed; fill='folder' would need a folder.
   mesh = parallel.make_mesh()
   rng = np.random.default_rng(config.seed)
   size, channels = config.dataset.image_size, config.dataset.channels

@@ -46,6 +46,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.name = 'adamw'  # Any optax optimizer taking `learning_rate` (adam, adamw, sgd, ...).
   c.optimizer.learning_rate = 1e-4  # Peak learning rate of the schedule.
   c.optimizer.kwargs = ml_collections.ConfigDict({'weight_decay': 1e-4})  # Extra optax arguments.
+  # Coupled L2 weight decay: l2_weight_decay * params is added to the gradient before the optimizer
+  # (optax.add_decayed_weights before it, torch.optim.Adam's weight_decay); 0 disables. Unlike AdamW's
+  # decoupled `weight_decay`, Adam's moments then see it.
+  c.optimizer.l2_weight_decay = 0.0
   c.optimizer.warmup_steps = 0  # Linear warm-up steps before the constant/cosine schedule.
   c.optimizer.schedule = 'constant'  # 'constant' or 'cosine' (decays to 0 over the run or the phase).
   c.optimizer.grad_clip = 0.0  # Global-norm clipping; 0 disables.
@@ -99,9 +103,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.defects = ml_collections.ConfigDict()
   c.defects.enabled = False  # Add the two keys to every training example.
   c.defects.fill = 'procedural'  # Fill: 'procedural' textures, 'train' (augmented training images), 'folder'.
-  c.defects.fill_root = ''  # Image folder for fill='folder'.
-  c.defects.coverage = (0.02, 0.25)  # Mask area fraction ~ U(lo, hi) (threshold at the noise quantile).
+  c.defects.fill_root = ''  # Image folder for fill='folder' (searched recursively; DRAEM uses DTD).
+  # How the Perlin noise becomes I_m: 'coverage' thresholds it at the quantile that leaves a fraction
+  # U(coverage) of the pixels on; 'threshold' at the fixed `threshold` (DRAEM), the area then varies.
+  c.defects.mask = 'coverage'
+  c.defects.coverage = (0.02, 0.25)  # mask='coverage': mask area fraction ~ U(lo, hi).
+  c.defects.threshold = 0.5  # mask='threshold': noise > threshold (DRAEM: 0.5; the noise is in ~[-1, 1]).
   c.defects.perlin_scales = (0, 4)  # Perlin lattice 2^a x 2^b cells, a, b ~ U{lo..hi}.
+  c.defects.clean_fraction = 0.0  # Probability that an example stays defect-free (I_m = 0); DRAEM: 0.5.
   return c
 
 

@@ -2,8 +2,9 @@
 
   configs/rbae.py          the embedded dataset's textures (weave, marble) on a CPU: 64x64, one model per
                            category, 12 epochs 'reconstruct' then 8 'repair' (150 steps of batch 8 each).
-  configs/rbae.py:paper    Sec. IV-A: 256x256, Adam 1e-4 with weight decay 1e-5, 400 + 200 epochs, one model
-                           per category, MVTec AD carpet, grid, leather, tile, wood (--config.dataset.root).
+  configs/rbae.py:paper    Sec. IV-A: 256x256, Adam 1e-4 with coupled L2 weight decay 1e-5, 400 + 200
+                           epochs, one model per category, MVTec AD carpet, grid, leather, tile, wood
+                           (--config.dataset.root), DRAEM's defects filled from --config.defects.fill_root.
 
 Append ',no_rbam' to any variant (`:,no_rbam`, `:paper,no_rbam`) for Table V column B (RBAM removed).
 The phase lengths are `config.phases`; their sum must be `num_epochs`, e.g.
@@ -33,10 +34,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.phases = tuple(zip(('reconstruct', 'repair'), PHASE_EPOCHS[variant]))
   c.num_epochs = sum(PHASE_EPOCHS[variant])
 
-  c.defects.enabled = True  # Eq. 1: artificial defects on every training example.
+  c.defects.enabled = True  # Eq. 1: artificial defects on the training examples.
 
   c.backbone.arch = 'vgg16'  # Frozen ImageNet VGG16 of the perceptual loss (Eq. 13, 16).
-  c.backbone.features = (0, 1, 2, 3, 4)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3: the first five.
+  c.backbone.features = (0, 1, 2, 3, 4)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (stage ends).
 
   c.rbae = r = ml_collections.ConfigDict()
   r.channels = (16, 32, 64, 128, 128)  # Widths of the five encoder layers (not given in the paper).
@@ -50,6 +51,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   r.head_width = 32  # Width of each MSFDM head (not given in the paper).
   r.map_weights = (0.2, 0.2, 0.6)  # lambda_1..3 of Eq. 11.
   r.focal_gamma = 2.0  # Focal loss gamma (Eq. 10; the paper gives none, 2 is the usual).
+  # The five VGG16 ReLU maps of the perceptual loss (Eq. 13, 16; Sec. III-E: "the first five feature maps
+  # from the ReLU activation layers"): 'stage_ends' (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, the
+  # backbone's maps) or 'first' (relu1_1, relu1_2, relu2_1, relu2_2, relu3_1, the words taken literally).
+  r.perceptual_layers = 'stage_ends'
+  # True: L_seg (Eq. 10) reaches only the MSFDM, the reconstruction it re-encodes is a constant; False: it
+  # also trains the decoder and RBAM through the reconstruction (the paper does not say).
+  r.stop_segmentation_gradient = False
   r.w_rec1 = 100.0  # Eq. 14 weights.
   r.w_per1 = 1.0
   r.w_pixel_dis1 = 1.0
@@ -72,13 +80,26 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.dataset.categories = 'carpet,grid,leather,tile,wood'
     c.dataset.image_size = 256
     c.log_every = 50
+    # Sec. IV-A2: "the Adam optimizer with a learning rate of 0.0001 and a weight decay of 0.00001", as
+    # torch.optim.Adam's weight_decay: L2 on the gradient (coupled), not AdamW.
+    c.optimizer.name = 'adam'
     c.optimizer.learning_rate = 1e-4
+    c.optimizer.kwargs = ml_collections.ConfigDict()
+    c.optimizer.l2_weight_decay = 1e-5
+    # Eq. 1 "generated in a similar way to DRAEM" with I_n "from ImageNet": DRAEM's masks (Perlin noise >
+    # 0.5, lattice 2^0..2^5), half the samples left defect-free, fills from an image folder.
+    c.defects.mask = 'threshold'
+    c.defects.threshold = 0.5
+    c.defects.perlin_scales = (0, 5)
+    c.defects.clean_fraction = 0.5
+    c.defects.fill = 'folder'
+    c.defects.fill_root = ''  # A folder of natural images (ImageNet in the paper, DTD in DRAEM).
+    r.perceptual_layers = 'first'
     c.image_score = 'model'  # The map's maximum.
     r.channels = (32, 64, 128, 256, 256)
     r.strides = (1, 2, 2, 2, 2)
     r.head_width = 64
     r.smoothing_sigma = 4.0
-    c.defects.perlin_scales = (0, 6)  # DRAEM's range at 256x256.
   if 'no_rbam' in flags:
     r.use_rbam = False
   return c

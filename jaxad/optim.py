@@ -14,7 +14,8 @@ class TrainState(train_state.TrainState):
 
 
 def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """An optax optimizer `opt.name(learning_rate=schedule, **opt.kwargs)` with optional clipping."""
+  """An optax optimizer `opt.name(learning_rate=schedule, **opt.kwargs)`, after optional global-norm
+  clipping and coupled L2 decay (in that order, as torch clips before Adam adds weight_decay * params)."""
   peak = opt.learning_rate
   warmup = min(opt.warmup_steps, max(total_steps - 1, 0))
   if opt.schedule == 'constant':
@@ -29,6 +30,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
   except AttributeError:
     raise ValueError(f'Unknown optax optimizer {opt.name!r}.') from None
   tx = factory(learning_rate=schedule, **opt.get('kwargs', {}))
+  l2 = opt.get('l2_weight_decay', 0.0)  # Absent from records made before the knob.
+  if l2:
+    tx = optax.chain(optax.add_decayed_weights(l2), tx)
   if opt.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip), tx)
   return tx

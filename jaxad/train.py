@@ -27,7 +27,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from jaxad import calibration, evaluate, models, parallel, provenance, writers
-from jaxad.data import folder, pipeline
+from jaxad.data import defects, folder, pipeline
 
 # Keys of input batches the models never train on.
 _EVAL_ONLY_KEYS = ('label', 'mask', 'index')
@@ -731,6 +731,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   single run's outputs to its `<workdir>/seed_<seed>/`; the result is then a list, one per replica.
   """
   evaluate.check_config(config)
+  if config.defects.enabled:
+    defects.fill_paths(config)  # A missing fill folder stops the run before any data is read.
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')

@@ -1,8 +1,9 @@
 """DRAEM-style artificial defects for training (RB-AE Eq. 1): I_ad = I_o * (1 - I_m) + I_n * I_m.
 
 I_m is thresholded Perlin noise (DRAEM, Zavrtanik et al. 2021), I_n an image from the source the config
-names. Applied per example inside the grain pipeline (`random_map`), so the defects depend only on the
-seed and the example's position in the stream, and resume exactly with the iterator state.
+names; a fraction `clean_fraction` of the examples stays defect-free (I_m = 0), as DRAEM leaves half of
+its samples. Applied per example inside the grain pipeline (`random_map`), so the defects depend only on
+the seed and the example's position in the stream, and resume exactly with the iterator state.
 """
 
 import dataclasses
@@ -40,15 +41,21 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
 
 
 def perlin_mask(
-  size: int, rng: np.random.Generator, coverage: tuple[float, float], scales: tuple[int, int]
+  size: int,
+  rng: np.random.Generator,
+  coverage: tuple[float, float],
+  scales: tuple[int, int],
+  threshold: float | None = None,
 ) -> np.ndarray:
-  """Binary float32 [size, size] mask: Perlin noise (lattice 2^a x 2^b, a, b in [scales]) thresholded at
-  the quantile that leaves a fraction U(coverage) of the pixels on, then rotated by a random angle."""
+  """Binary float32 [size, size] mask: Perlin noise (lattice 2^a x 2^b, a, b in [scales]), rotated by a
+  random angle, then thresholded at `threshold` (DRAEM: 0.5, the area varies with the noise) or, when it
+  is None, at the quantile that leaves a fraction U(coverage) of the pixels on."""
   res = tuple(2 ** int(rng.integers(scales[0], scales[1] + 1)) for _ in range(2))
   noise = perlin_noise((size, size), res, rng)
   noise = ndimage.rotate(noise, rng.uniform(-90, 90), reshape=False, order=1, mode='reflect')
-  frac = rng.uniform(*coverage)
-  return (noise > np.quantile(noise, 1 - frac)).astype(np.float32)
+  if threshold is None:
+    threshold = np.quantile(noise, 1 - rng.uniform(*coverage))
+  return (noise > threshold).astype(np.float32)
 
 
 def procedural_texture(size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
@@ -84,7 +91,7 @@ class DefectSynthesizer:
   """grain random_map transform adding 'defect_image' (Eq. 1) and 'defect_mask' (I_m, float32 [H, W]).
 
   fill: 'train' (augmented other training images), 'procedural' (random textures), or 'folder'
-  (augmented images from `fill_paths`).
+  (augmented images from `fill_paths`). threshold: the fixed mask threshold, or None for `coverage`.
   """
 
   fill: str
@@ -92,6 +99,8 @@ class DefectSynthesizer:
   scales: tuple[int, int]
   source: object = None  # the training source (fill='train')
   fill_paths: tuple[str, ...] = ()  # image files (fill='folder')
+  threshold: float | None = None
+  clean_fraction: float = 0.0  # probability that an example is left defect-free
 
   def fill_image(self, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
     if self.fill == 'procedural':
@@ -105,10 +114,47 @@ class DefectSynthesizer:
   def __call__(self, example, rng: np.random.Generator):
     image = example['image']
     size, channels = image.shape[0], image.shape[-1]
-    mask = perlin_mask(size, rng, self.coverage, self.scales)
+    if rng.random() < self.clean_fraction:
+      return {**example, 'defect_image': image, 'defect_mask': np.zeros((size, size), np.float32)}
+    mask = perlin_mask(size, rng, self.coverage, self.scales, self.threshold)
     fill = self.fill_image(size, channels, rng)
     m = mask[..., None]
     return {**example, 'defect_image': (image * (1 - m) + fill * m).astype(np.float32), 'defect_mask': mask}
+
+
+def fill_paths(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The fill images of defects.fill='folder' (sorted), () for the other fills; a missing or empty
+  folder and unknown settings are an error (jaxad.train checks this before it reads any data)."""
+  d = config.defects
+  if d.fill not in ('train', 'procedural', 'folder'):
+    raise ValueError(f"Unknown defects.fill {d.fill!r}; expected 'train', 'procedural' or 'folder'.")
+  if d.mask not in ('coverage', 'threshold'):
+    raise ValueError(f"Unknown defects.mask {d.mask!r}; expected 'coverage' or 'threshold'.")
+  lo, hi = d.coverage
+  if not 0 < lo <= hi < 1:
+    raise ValueError(f'defects.coverage {tuple(d.coverage)} must satisfy 0 < lo <= hi < 1.')
+  if not 0 <= d.clean_fraction < 1:
+    raise ValueError(f'defects.clean_fraction {d.clean_fraction} must be in [0, 1).')
+  if d.fill != 'folder':
+    return ()
+  if not d.fill_root or not os.path.isdir(d.fill_root):
+    raise FileNotFoundError(
+      f"defects.fill='folder' needs defects.fill_root, a folder of fill images (e.g. DTD or ImageNet); "
+      f'{d.fill_root!r} is not a folder.'
+    )
+  paths = tuple(
+    sorted(
+      os.path.join(r, f)
+      for r, _, fs in os.walk(d.fill_root)
+      for f in fs
+      if f.lower().endswith(folder.IMAGE_EXTENSIONS)
+    )
+  )
+  if not paths:
+    raise FileNotFoundError(
+      f'defects.fill_root {d.fill_root!r} holds no images ({", ".join(folder.IMAGE_EXTENSIONS)}).'
+    )
+  return paths
 
 
 def synthesizer(config: ml_collections.ConfigDict, source) -> DefectSynthesizer | None:
@@ -116,27 +162,13 @@ def synthesizer(config: ml_collections.ConfigDict, source) -> DefectSynthesizer 
   d = config.defects
   if not d.enabled:
     return None
-  paths = ()
-  if d.fill == 'folder':
-    if not d.fill_root or not os.path.isdir(d.fill_root):
-      raise ValueError(f"defects.fill='folder' needs defects.fill_root, an image folder; got {d.fill_root!r}")
-    paths = tuple(
-      sorted(
-        os.path.join(r, f)
-        for r, _, fs in os.walk(d.fill_root)
-        for f in fs
-        if f.lower().endswith(folder.IMAGE_EXTENSIONS)
-      )
-    )
-    if not paths:
-      raise ValueError(
-        f'defects.fill_root {d.fill_root!r} holds no images ({", ".join(folder.IMAGE_EXTENSIONS)}).'
-      )
-  elif d.fill not in ('train', 'procedural'):
-    raise ValueError(f"Unknown defects.fill {d.fill!r}; expected 'train', 'procedural' or 'folder'.")
-  lo, hi = d.coverage
-  if not 0 < lo <= hi < 1:
-    raise ValueError(f'defects.coverage {tuple(d.coverage)} must satisfy 0 < lo <= hi < 1.')
+  paths = fill_paths(config)
   return DefectSynthesizer(
-    d.fill, (float(lo), float(hi)), tuple(int(s) for s in d.perlin_scales), source, paths
+    d.fill,
+    tuple(float(c) for c in d.coverage),
+    tuple(int(s) for s in d.perlin_scales),
+    source,
+    paths,
+    float(d.threshold) if d.mask == 'threshold' else None,
+    float(d.clean_fraction),
   )

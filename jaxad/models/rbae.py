@@ -14,10 +14,12 @@ Parts (Sec. III, Fig. 1, 3, 6, 8):
   decoder: from the (repaired) deepest map, with the (repaired) RBAM layers as skips;
   MSFDM: input and reconstruction re-encoded, features of the first three layers concatenated, three
     segmentation heads, focal loss (Eq. 10), AM = 0.2 AM1 + 0.2 up(AM2) + 0.6 up(AM3) (Eq. 11);
-  perceptual loss: L1 between the first five ReLU maps of ImageNet VGG16 (Eq. 13, 16).
+  perceptual loss: L1 between five ReLU maps of ImageNet VGG16 (Eq. 13, 16), the last of each stage or
+    the first five (`rbae.perceptual_layers`).
 Training (Eq. 14, 17), one phase after the other as `config.phases` schedules them:
   'reconstruct': encoder + decoder, 100 L_rec + 1 L_per + 1 L_pixel_dis (decoder sees raw features of I_o);
-  'repair': encoder frozen; RBAM + decoder + MSFDM, 100 L_rec + 1 L_per + 1 L_fea_rep + 1 L_seg.
+  'repair': encoder frozen; RBAM + decoder + MSFDM, 100 L_rec + 1 L_per + 1 L_fea_rep + 1 L_seg (with
+    `rbae.stop_segmentation_gradient`, L_seg does not reach the reconstruction).
 The reference image is chosen from the training set (`rbae.reference`) and kept in the state, so it is
 saved with every checkpoint. Test = phase 2's forward pass; the map is Eq. 11's AM (`rbae.score='msfdm'`)
 or the reconstruction residual |I - I_rec| (`'residual'`, not in the paper), Gaussian-smoothed; the image
@@ -33,13 +35,20 @@ import numpy as np
 import optax
 
 from jaxad import losses
-from jaxad.models import AnomalyModel, ModelContext, layers
+from jaxad.models import AnomalyModel, ModelContext, backbones, layers
 
 # Config fields of the `rbae` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
 SCORING_FIELDS = ('score', 'smoothing_sigma', 'map_weights')
 
 PHASES = ('reconstruct', 'repair')
+
+# Which five VGG16 ReLU maps the perceptual loss compares (Eq. 13, 16; `rbae.perceptual_layers`).
+PERCEPTUAL_LAYERS = {
+  'stage_ends': 'relu1_2, relu2_2, relu3_3, relu4_3, relu5_3',  # the backbone's maps (config.backbone)
+  'first': 'relu1_1, relu1_2, relu2_1, relu2_2, relu3_1',  # the first five ReLUs in the network
+}
+VGG16_FIRST_CONVS = (('features_0', 'features_2'), ('features_5', 'features_7'), ('features_10',))  # by stage
 
 
 class ConvBlock(nn.Module):
@@ -164,6 +173,7 @@ class RBAE(nn.Module):
   ffm_kernel: int
   use_rbam: bool
   head_width: int
+  stop_segmentation_gradient: bool = False  # MSFDM re-encodes the reconstruction as a constant.
   dtype: jnp.dtype = jnp.float32  # Activation/matmul dtype; features, maps and outputs are float32.
 
   def setup(self):
@@ -203,7 +213,8 @@ class RBAE(nn.Module):
     feats = self.encode(image)
     repaired = self.repair(feats, self.encode(reference))
     recon = self.decode(feats, repaired)
-    return recon, self.segment(feats, self.encode(recon)), repaired, feats
+    seen = jax.lax.stop_gradient(recon) if self.stop_segmentation_gradient else recon
+    return recon, self.segment(feats, self.encode(seen)), repaired, feats
 
 
 def resize_mask(mask, hw):
@@ -219,6 +230,24 @@ def pixel_discrimination_loss(feats_o, feats_ad, mask) -> jax.Array:
     lo, hi = d.min((1, 2), keepdims=True), d.max((1, 2), keepdims=True)
     terms.append(jnp.mean(jnp.square((d - lo) / (hi - lo + 1e-8) - resize_mask(mask, d.shape[1:3]))))
   return jnp.mean(jnp.stack(terms))
+
+
+def vgg16_first_relus(vgg, params, images, dtype=jnp.float32) -> list[jax.Array]:
+  """relu1_1, relu1_2, relu2_1, relu2_2, relu3_1 of the frozen VGG16 `vgg` (its weights `params` and its
+  preprocessing), float32; the backbone itself returns only the last ReLU of each stage."""
+  x = backbones.preprocess_fn(vgg.preprocess)(jnp.asarray(images, jnp.float32)).astype(dtype)
+  maps = []
+  for stage, convs in enumerate(VGG16_FIRST_CONVS):
+    if stage:
+      x = nn.max_pool(x, (2, 2), (2, 2))
+    for name in convs:
+      conv = params['params'][name]
+      x = jax.lax.conv_general_dilated(
+        x, conv['kernel'].astype(dtype), (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+      )
+      x = nn.relu(x + conv['bias'].astype(dtype))
+      maps.append(x.astype(jnp.float32))
+  return maps
 
 
 def anomaly_map(logits, size: int, weights) -> jax.Array:
@@ -252,14 +281,23 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> RBAE:
     cfg.ffm_kernel,
     cfg.use_rbam,
     cfg.head_width,
+    cfg.get('stop_segmentation_gradient', False),  # Absent from records made before the switch.
     ctx.dtype,
   )
+
+
+def perceptual_layers(cfg: ml_collections.ConfigDict) -> str:
+  return cfg.get('perceptual_layers', 'stage_ends')  # Absent from records made before the switch.
 
 
 def _check(cfg: ml_collections.ConfigDict, ctx: ModelContext):
   names = tuple(ctx.phase_steps)
   if cfg.score not in ('msfdm', 'residual'):
     raise ValueError(f"Unknown rbae.score {cfg.score!r}; expected 'msfdm' or 'residual'.")
+  if perceptual_layers(cfg) not in PERCEPTUAL_LAYERS:
+    raise ValueError(
+      f'Unknown rbae.perceptual_layers {cfg.perceptual_layers!r}; expected one of {tuple(PERCEPTUAL_LAYERS)}.'
+    )
   if names != PHASES:
     raise ValueError(f'rbae needs config.phases named {PHASES} in this order, got {names}')
   if len(cfg.channels) != 5 or len(cfg.strides) != 5:
@@ -291,11 +329,20 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   }
   size = ctx.image_size
 
+  if perceptual_layers(cfg) == 'first':
+    if VGG16_FIRST_CONVS[-1][-1] not in vgg.params['params']:
+      raise ValueError(
+        "rbae.perceptual_layers='first' needs VGG16 up to relu3_1: config.backbone.features must include 2."
+      )
+    relu_maps = lambda params, x: vgg16_first_relus(vgg, params, x, ctx.dtype)
+  else:
+    relu_maps = vgg.apply_fn
+
   def perceptual(frozen, a, b):
     """Eq. 13/16: mean over the VGG16 ReLU maps of the mean absolute difference, / vgg_feature_scale."""
     rgb = lambda x: jnp.broadcast_to(x, (*x.shape[:3], 3))
-    fa = vgg.apply_fn(frozen['vgg'], rgb(a))
-    fb = vgg.apply_fn(frozen['vgg'], rgb(b))
+    fa = relu_maps(frozen['vgg'], rgb(a))
+    fb = relu_maps(frozen['vgg'], rgb(b))
     return jnp.mean(jnp.stack([jnp.mean(jnp.abs(x - y)) for x, y in zip(fa, fb)])) / cfg.vgg_feature_scale
 
   def init(rng, batch, frozen):
