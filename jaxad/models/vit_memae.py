@@ -8,11 +8,13 @@ Pipeline (Fig. 2, Sec. 3):
   embedding E_pos in R^{(N+1) x D}, pre-norm blocks; Eq. 4-6) -> the N patch embeddings rearranged into
   a feature map F [H/P, W/P, D] (the [cls] output is dropped) -> memory module: every spatial feature z
   is replaced by w_hat M, cosine addressing + softmax, hard shrinkage at 1/N, L1 renormalisation
-  (Eq. 7-10) -> coordinate attention (Sec. 3.3) -> decoder: six transposed-conv stages with BatchNorm
-  + ReLU (strides multiply to P: H/P -> H), then a 3x3 conv to the image channels and tanh (Sec. 3.4).
+  (Eq. 7-10) -> coordinate attention (Sec. 3.3; `coord_attention_placement` puts it before the memory
+  instead) -> decoder: six transposed convs (strides multiply to P: H/P -> H), BatchNorm + ReLU after
+  each but the last, which outputs the image channels through tanh (Sec. 3.4).
   The tanh output in [-1, 1] is mapped back to [0, 1]: every loss and map is in input units.
 
-Loss (Eq. 11-15): lambda_recon * (L2 + lambda_ssim * block-SSIM) + lambda_ent * entropy(w_hat).
+Loss (Eq. 11-15): lambda_recon * (L2 + lambda_ssim * block-SSIM) + lambda_ent * entropy(w_hat), L2 =
+(1/WH) ||X - X_hat||^2 summed over channels (Eq. 11).
 Anomaly map: the per-pixel form of the reconstruction loss, squared error (mean over channels) +
 map_ssim_weight * (1 - SSIM) (Sec. 1, contribution 4: L2 and SSIM "calculate the anomaly score"),
 smoothed with a Gaussian (Sec. 4.2); image score = max of the map (the paper does not say).
@@ -38,6 +40,10 @@ SCORING_FIELDS = ('map_ssim_weight', 'smoothing_sigma')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
 LAYOUT_FIELDS = {'scan_blocks': False}
+# Where coordinate attention sits (Sec. 3.3): on the memory's output F' (Fig. 2) or on the encoder's F.
+CA_PLACEMENTS = ('after_memory', 'before_memory')
+# How Eq. 11's L2 reduces the channels: 'sum' as ||X - X_hat||^2 / (WH), 'mean' divides by C too.
+L2_CHANNELS = ('sum', 'mean')
 
 
 def hard_shrink(w: jax.Array, threshold: float, eps: float = 1e-12) -> jax.Array:
@@ -210,7 +216,8 @@ class ViTEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Transposed-conv stages (BN + ReLU each; stride 2: 4x4 kernel, stride 1: 3x3), then conv + tanh."""
+  """Sec. 3.4: transposed convs (stride 2: 4x4 kernel, stride 1: 3x3), BN + ReLU after each but the last,
+  which outputs `out_channels` through tanh. `channels`: the widths of all stages but the last."""
 
   channels: tuple[int, ...]
   strides: tuple[int, ...]
@@ -219,15 +226,17 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    for i, (c, s) in enumerate(zip(self.channels, self.strides)):
+    widths = (*self.channels, self.out_channels)
+    last = len(widths) - 1
+    for i, (c, s) in enumerate(zip(widths, self.strides)):
       k = 4 if s == 2 else 3
       # = nn.ConvTranspose(c, (k, k), strides=(s, s), padding='SAME'), fast on CPU too.
-      x = SubpixelConvTranspose(c, k, s, use_bias=False, dtype=self.dtype, name=f'deconv_{i}')(x)
-      x = nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f'bn_{i}'
-      )(x)
-      x = nn.relu(x)
-    x = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype, name='head')(x)
+      x = SubpixelConvTranspose(c, k, s, use_bias=i == last, dtype=self.dtype, name=f'deconv_{i}')(x)
+      if i < last:
+        x = nn.BatchNorm(
+          use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f'bn_{i}'
+        )(x)
+        x = nn.relu(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 
@@ -244,6 +253,7 @@ class ViTMemAE(nn.Module):
   out_channels: int = 3
   use_memory: bool = True
   use_coord_attention: bool = True
+  coord_attention_placement: str = 'after_memory'  # One of CA_PLACEMENTS.
   num_memory: int = 100
   shrink_scale: float = 1.0
   memory_temperature: float = 1.0
@@ -266,12 +276,19 @@ class ViTMemAE(nn.Module):
       self.scan_blocks,
       name='encoder',
     )(x)
+    coord_attention = lambda f: (
+      CoordinateAttention(self.ca_reduction, dtype=self.dtype, name='coord_attention')(f, train)
+      if self.use_coord_attention
+      else f
+    )
+    if self.coord_attention_placement == 'before_memory':
+      f = coord_attention(f)
     weights = None
     if self.use_memory:
       f, weights = Memory(self.num_memory, self.shrink_scale, self.memory_temperature, name='memory')(f)
       f = f.astype(self.dtype)
-    if self.use_coord_attention:
-      f = CoordinateAttention(self.ca_reduction, dtype=self.dtype, name='coord_attention')(f, train)
+    if self.coord_attention_placement == 'after_memory':
+      f = coord_attention(f)
     y = Decoder(
       tuple(self.decoder_channels), tuple(self.decoder_strides), self.out_channels, self.dtype, name='decoder'
     )(f, train)
@@ -290,6 +307,7 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> ViTMemAE:
     out_channels=ctx.channels,
     use_memory=cfg.use_memory,
     use_coord_attention=cfg.use_coord_attention,
+    coord_attention_placement=cfg.coord_attention_placement,
     num_memory=cfg.num_memory,
     shrink_scale=cfg.shrink_scale,
     memory_temperature=cfg.memory_temperature,
@@ -306,6 +324,12 @@ def reconstruct(net: ViTMemAE, state: optim.TrainState, images: jax.Array) -> ja
   return recon
 
 
+def l2_loss(images: jax.Array, recon: jax.Array, channels: str) -> jax.Array:
+  """Eq. 11, (1/WH) ||X - X_hat||^2 averaged over the batch; channels 'sum' (Eq. 11) or 'mean' (/ C)."""
+  per_pixel = jnp.square(images.astype(jnp.float32) - recon.astype(jnp.float32))
+  return jnp.mean(jnp.sum(per_pixel, axis=-1) if channels == 'sum' else jnp.mean(per_pixel, axis=-1))
+
+
 def anomaly_maps(images: jax.Array, recon: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
   """Per-pixel Eq. 13 before smoothing: squared error (mean over channels) + w * (1 - SSIM)."""
   maps = losses.squared_error_map(images, recon)
@@ -320,11 +344,18 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   if image_size % cfg.patch_size:
     raise ValueError(f'image_size {image_size} is not a multiple of vit_memae.patch_size {cfg.patch_size}')
   strides = tuple(cfg.decoder_strides)
-  if len(strides) != len(cfg.decoder_channels) or math.prod(strides) != cfg.patch_size:
+  if len(strides) != len(cfg.decoder_channels) + 1 or math.prod(strides) != cfg.patch_size:
     raise ValueError(
       f'vit_memae.decoder_strides {strides} must have one entry per decoder stage '
-      f'({len(cfg.decoder_channels)}) and multiply to patch_size {cfg.patch_size}'
+      f'({len(cfg.decoder_channels)} in decoder_channels + the output stage) and multiply to patch_size '
+      f'{cfg.patch_size}'
     )
+  if cfg.coord_attention_placement not in CA_PLACEMENTS:
+    raise ValueError(
+      f'vit_memae.coord_attention_placement {cfg.coord_attention_placement!r} is not one of {CA_PLACEMENTS}'
+    )
+  if cfg.l2_channels not in L2_CHANNELS:
+    raise ValueError(f'vit_memae.l2_channels {cfg.l2_channels!r} is not one of {L2_CHANNELS}')
   net = network(cfg, ctx)
   tx = ctx.make_optimizer()
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size, filter_sigma=cfg.ssim_sigma)
@@ -344,7 +375,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
       (recon, weights), updates = net.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True, mutable=['batch_stats']
       )
-      l2 = losses.mse(images, recon)  # Eq. 11
+      l2 = l2_loss(images, recon, cfg.l2_channels)  # Eq. 11
       ssim = losses.ssim_loss(images, recon, **ssim_kwargs)  # Eq. 12
       recon_loss = l2 + cfg.lambda_ssim * ssim  # Eq. 13
       parts = {'l2': l2, 'ssim_loss': ssim, 'recon_loss': recon_loss}
