@@ -60,9 +60,14 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # and the encoder"). Without the memory both are encoder -> CA -> decoder.
   c.vit_memae.coord_attention_placement = 'after_memory'
   c.vit_memae.ca_reduction = 32  # CA hidden width = max(8, D // reduction) (Hou et al. default).
-  # Widths of the first five of the six transposed convs (Sec. 3.4; not given in the paper): each is
-  # followed by BN + ReLU; the sixth outputs the image channels through tanh.
-  c.vit_memae.decoder_channels = (128, 128, 64, 32, 32)
+  # The decoder's output layer. 'deconv' (Sec. 3.4): the last of the six transposed convs outputs the
+  # image channels into tanh, the others have BN + ReLU. 'conv': all six have BN + ReLU, then a 3x3 conv
+  # to the image channels and tanh (one layer more than the paper); it localises better at this size
+  # (docs/models/vit_memae.md, Readings). Changes the parameter layout of checkpoints.
+  c.vit_memae.decoder_output = 'conv'
+  # Widths of the transposed convs that have BN + ReLU (not given in the paper): six with 'conv', five
+  # with 'deconv' (the sixth outputs the image channels).
+  c.vit_memae.decoder_channels = (128, 128, 64, 32, 32, 16)
   # Strides of the six transposed convs (1: 3x3 kernel, 2: 4x4, doubling the map); their product must be
   # patch_size. The paper gives no order: size-keeping stages first is ~3x cheaper on CPU than last.
   c.vit_memae.decoder_strides = (1, 1, 2, 2, 2, 2)
@@ -89,6 +94,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.vit_memae.num_heads = 8
     c.vit_memae.depth = 12  # ViT-B's: D = 768 and "the network's default configuration" (Sec. 4.2).
     c.vit_memae.num_memory = 2000  # Not given; MemAE's code default.
+    c.vit_memae.decoder_output = 'deconv'
     c.vit_memae.decoder_channels = (512, 512, 256, 128, 64)
     if variant == 'btad':
       c.dataset.name = 'folder'

@@ -62,7 +62,7 @@ def _vit_memae():
       'vit_memae.depth': 3,
       'vit_memae.num_heads': 2,
       'vit_memae.num_memory': 10,
-      'vit_memae.decoder_channels': (8, 8, 8, 8, 8),
+      'vit_memae.decoder_channels': (8, 8, 8, 8, 8, 8),
       'vit_memae.ssim_filter_size': 3,
     },
   ), ('block',)

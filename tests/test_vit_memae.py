@@ -170,26 +170,46 @@ def _calls(fn, select):
   return result, calls
 
 
-def test_decoder_is_six_transposed_convs_the_last_through_tanh():
+@pytest.mark.parametrize('output', ['deconv', 'conv'])
+def test_decoder_layers_and_tanh_output(output):
   x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
-  dec = vit_memae.Decoder(channels=(8, 8, 8, 8, 8), strides=(1, 1, 2, 2, 2, 2), out_channels=3)
+  channels = (8, 8, 8, 8, 8) if output == 'deconv' else (8, 8, 8, 8, 8, 8)
+  dec = vit_memae.Decoder(channels, strides=(1, 1, 2, 2, 2, 2), out_channels=3, output=output)
   v = dec.init(jax.random.key(1), x, train=False)
-  assert sorted(v['params']) == sorted([f'deconv_{i}' for i in range(6)] + [f'bn_{i}' for i in range(5)])
-  assert v['params']['deconv_5']['kernel'].shape == (4, 4, 8, 3)
-  assert 'bias' in v['params']['deconv_5'] and 'bias' not in v['params']['deconv_4']
-  layer_types = (vit_memae.SubpixelConvTranspose, nn.BatchNorm)
+  layer_types = (vit_memae.SubpixelConvTranspose, nn.BatchNorm, nn.Conv)
   y, calls = _calls(lambda: dec.apply(v, x, train=False), lambda m: isinstance(m, layer_types))
   names = [name for name, _, _ in calls]
-  assert names == [n for i in range(6) for n in (f'deconv_{i}', f'bn_{i}') if n != 'bn_5']
-  # The sixth transposed conv's output goes straight into tanh: no BN, ReLU or extra conv after it.
+  if output == 'deconv':  # Sec. 3.4: six transposed convs, BN + ReLU after the first five.
+    assert names == [n for i in range(6) for n in (f'deconv_{i}', f'bn_{i}') if n != 'bn_5']
+    assert v['params']['deconv_5']['kernel'].shape == (4, 4, 8, 3)
+    assert 'bias' in v['params']['deconv_5'] and 'bias' not in v['params']['deconv_4']
+  else:  # Six transposed convs with BN + ReLU, then the 3x3 head.
+    assert names == [n for i in range(6) for n in (f'deconv_{i}', f'bn_{i}')] + ['head']
+    assert v['params']['head']['kernel'].shape == (3, 3, 8, 3)
+  assert sorted(v['params']) == sorted(set(names))
+  # The last layer's output goes straight into tanh: no BN or ReLU after it.
   np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.tanh(calls[-1][2])))
   assert y.shape == (2, 64, 64, 3)
   # Range: a large last kernel saturates tanh at both ends and never leaves [-1, 1].
+  last = names[-1]
   big = jax.tree.map(lambda a: a, v)
-  big['params']['deconv_5']['kernel'] = v['params']['deconv_5']['kernel'] * 1e3
+  big['params'][last]['kernel'] = v['params'][last]['kernel'] * 1e3
   y = np.asarray(dec.apply(big, x, train=False))
   assert y.min() >= -1.0 and y.max() <= 1.0
   assert y.min() < -0.999 and y.max() > 0.999
+
+
+def test_decoder_output_configs_and_stage_check(tiny_dataset):
+  from configs import vit_memae as cfg_module
+
+  assert cfg_module.get_config().vit_memae.decoder_output == 'conv'
+  assert cfg_module.get_config('paper').vit_memae.decoder_output == 'deconv'
+  for variant in ('', 'paper'):
+    c = cfg_module.get_config(variant).vit_memae
+    assert len(c.decoder_strides) == 6  # Six transposed convs in both.
+  config = tiny_vit_memae_config(tiny_dataset, 'paper', **{'vit_memae.decoder_channels': (8,) * 6})
+  with pytest.raises(ValueError, match='7 with decoder_output'):
+    train.build_model(config, 10)
 
 
 def test_eq11_l2_sums_channels_and_averages_pixels():
@@ -286,7 +306,8 @@ def tiny_vit_memae_config(root: str, variant: str = '', **overrides):
   c.vit_memae.width = 64 if variant else 32  # :paper keeps its 8 heads (head dim 8).
   c.vit_memae.num_heads = 8 if variant else 4
   c.vit_memae.depth = 1
-  c.vit_memae.decoder_channels = (32, 32, 16, 16, 8)
+  # Six BN + ReLU stages with the default's 'conv' output, five with :paper's 'deconv'.
+  c.vit_memae.decoder_channels = (32, 32, 16, 16, 8, 8)[: 6 - (c.vit_memae.decoder_output == 'deconv')]
   c.vit_memae.smoothing_sigma = 2.0
   return override(c, **overrides)
 
@@ -394,7 +415,7 @@ def _small_net_config(root: str, epochs: int, **overrides):
       'vit_memae.patch_size': 8,
       'vit_memae.width': 64,
       'vit_memae.depth': 2,
-      'vit_memae.decoder_channels': (64, 64, 32, 32, 16),
+      'vit_memae.decoder_channels': (64, 64, 32, 32, 16, 16),
       'vit_memae.decoder_strides': (1, 1, 1, 2, 2, 2),
       **overrides,
     },

@@ -10,7 +10,8 @@ Pipeline (Fig. 2, Sec. 3):
   is replaced by w_hat M, cosine addressing + softmax, hard shrinkage at 1/N, L1 renormalisation
   (Eq. 7-10) -> coordinate attention (Sec. 3.3; `coord_attention_placement` puts it before the memory
   instead) -> decoder: six transposed convs (strides multiply to P: H/P -> H), BatchNorm + ReLU after
-  each but the last, which outputs the image channels through tanh (Sec. 3.4).
+  each but the last, which outputs the image channels through tanh (Sec. 3.4; `decoder_output='deconv'`,
+  :paper), or BatchNorm + ReLU after all six, then a 3x3 conv to the image channels and tanh ('conv').
   The tanh output in [-1, 1] is mapped back to [0, 1]: every loss and map is in input units.
 
 Loss (Eq. 11-15): lambda_recon * (L2 + lambda_ssim * block-SSIM) + lambda_ent * entropy(w_hat), L2 =
@@ -39,11 +40,13 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 SCORING_FIELDS = ('map_ssim_weight', 'smoothing_sigma')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
-LAYOUT_FIELDS = {'scan_blocks': False}
+LAYOUT_FIELDS = {'scan_blocks': False, 'decoder_output': 'conv'}
 # Where coordinate attention sits (Sec. 3.3): on the memory's output F' (Fig. 2) or on the encoder's F.
 CA_PLACEMENTS = ('after_memory', 'before_memory')
 # How Eq. 11's L2 reduces the channels: 'sum' as ||X - X_hat||^2 / (WH), 'mean' divides by C too.
 L2_CHANNELS = ('sum', 'mean')
+# The decoder's output layer: 'deconv', the last transposed conv (Sec. 3.4), or 'conv', an added 3x3 conv.
+DECODER_OUTPUTS = ('deconv', 'conv')
 
 
 def hard_shrink(w: jax.Array, threshold: float, eps: float = 1e-12) -> jax.Array:
@@ -216,27 +219,36 @@ class ViTEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Sec. 3.4: transposed convs (stride 2: 4x4 kernel, stride 1: 3x3), BN + ReLU after each but the last,
-  which outputs `out_channels` through tanh. `channels`: the widths of all stages but the last."""
+  """Transposed convs (stride 2: 4x4 kernel, stride 1: 3x3) with BN + ReLU, then tanh.
+
+  output 'deconv' (Sec. 3.4): the last transposed conv outputs `out_channels` (no BN, no ReLU) into tanh;
+  `channels` are the widths of all stages but the last. 'conv': every stage has BN + ReLU, `channels`
+  are all their widths, and a 3x3 conv to `out_channels` follows.
+  """
 
   channels: tuple[int, ...]
   strides: tuple[int, ...]
   out_channels: int
+  output: str = 'deconv'  # One of DECODER_OUTPUTS.
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    widths = (*self.channels, self.out_channels)
+    deconv_out = self.output == 'deconv'
+    widths = (*self.channels, self.out_channels) if deconv_out else tuple(self.channels)
     last = len(widths) - 1
     for i, (c, s) in enumerate(zip(widths, self.strides)):
       k = 4 if s == 2 else 3
+      output_stage = deconv_out and i == last
       # = nn.ConvTranspose(c, (k, k), strides=(s, s), padding='SAME'), fast on CPU too.
-      x = SubpixelConvTranspose(c, k, s, use_bias=i == last, dtype=self.dtype, name=f'deconv_{i}')(x)
-      if i < last:
+      x = SubpixelConvTranspose(c, k, s, use_bias=output_stage, dtype=self.dtype, name=f'deconv_{i}')(x)
+      if not output_stage:
         x = nn.BatchNorm(
           use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f'bn_{i}'
         )(x)
         x = nn.relu(x)
+    if not deconv_out:
+      x = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype, name='head')(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 
@@ -250,6 +262,7 @@ class ViTMemAE(nn.Module):
   mlp_ratio: float
   decoder_channels: tuple[int, ...]
   decoder_strides: tuple[int, ...]
+  decoder_output: str = 'deconv'  # Decoder.output.
   out_channels: int = 3
   use_memory: bool = True
   use_coord_attention: bool = True
@@ -290,7 +303,12 @@ class ViTMemAE(nn.Module):
     if self.coord_attention_placement == 'after_memory':
       f = coord_attention(f)
     y = Decoder(
-      tuple(self.decoder_channels), tuple(self.decoder_strides), self.out_channels, self.dtype, name='decoder'
+      tuple(self.decoder_channels),
+      tuple(self.decoder_strides),
+      self.out_channels,
+      self.decoder_output,
+      self.dtype,
+      name='decoder',
     )(f, train)
     return (y + 1.0) / 2.0, weights
 
@@ -304,10 +322,11 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> ViTMemAE:
     mlp_ratio=cfg.mlp_ratio,
     decoder_channels=tuple(cfg.decoder_channels),
     decoder_strides=tuple(cfg.decoder_strides),
+    decoder_output=cfg.get('decoder_output', 'conv'),  # Records made before the switch: 'conv'.
     out_channels=ctx.channels,
     use_memory=cfg.use_memory,
     use_coord_attention=cfg.use_coord_attention,
-    coord_attention_placement=cfg.coord_attention_placement,
+    coord_attention_placement=cfg.get('coord_attention_placement', 'after_memory'),  # As decoder_output.
     num_memory=cfg.num_memory,
     shrink_scale=cfg.shrink_scale,
     memory_temperature=cfg.memory_temperature,
@@ -343,12 +362,14 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   image_size = ctx.image_size
   if image_size % cfg.patch_size:
     raise ValueError(f'image_size {image_size} is not a multiple of vit_memae.patch_size {cfg.patch_size}')
+  if cfg.decoder_output not in DECODER_OUTPUTS:
+    raise ValueError(f'vit_memae.decoder_output {cfg.decoder_output!r} is not one of {DECODER_OUTPUTS}')
   strides = tuple(cfg.decoder_strides)
-  if len(strides) != len(cfg.decoder_channels) + 1 or math.prod(strides) != cfg.patch_size:
+  stages = len(cfg.decoder_channels) + (cfg.decoder_output == 'deconv')
+  if len(strides) != stages or math.prod(strides) != cfg.patch_size:
     raise ValueError(
-      f'vit_memae.decoder_strides {strides} must have one entry per decoder stage '
-      f'({len(cfg.decoder_channels)} in decoder_channels + the output stage) and multiply to patch_size '
-      f'{cfg.patch_size}'
+      f'vit_memae.decoder_strides {strides} must have one entry per decoder stage ({stages} with '
+      f'decoder_output={cfg.decoder_output!r}) and multiply to patch_size {cfg.patch_size}'
     )
   if cfg.coord_attention_placement not in CA_PLACEMENTS:
     raise ValueError(
