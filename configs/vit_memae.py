@@ -2,12 +2,14 @@
 
   configs/vit_memae.py        the embedded dataset on a CPU: 128x128, P=16, D=128, 4 blocks, one model
                               per category, 20 epochs.
-  configs/vit_memae.py:paper  the paper's protocol (Sec. 4.2): 384x384, P=16, D=768, 8 heads, Adam 2e-4,
-                              batch 8, 200 epochs, lambda_recon 1, lambda_ent 0.001, one model per category.
+  configs/vit_memae.py:paper  the paper's protocol (Sec. 4.2): 384x384, P=16, D=768, 12 blocks, 8 heads,
+                              Adam 2e-4, batch 8, 200 epochs, lambda_recon 1, lambda_ent 0.001, one model
+                              per category.
   configs/vit_memae.py:btad   :paper on BeanTech AD's folder layout (train/ok, test/ok|ko, ground_truth/ko).
 
 Table 6 ablation: append ',base', ',mem', ',ca' or ',full' to any variant (e.g. `:paper,base`, `:,mem`),
-or set --config.vit_memae.use_memory / --config.vit_memae.use_coord_attention directly.
+or set --config.vit_memae.use_memory / --config.vit_memae.use_coord_attention directly. Where CA sits:
+--config.vit_memae.coord_attention_placement=after_memory|before_memory.
 """
 
 import ml_collections
@@ -51,13 +53,27 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.vit_memae.num_memory = 100  # N: memory items (not given in the paper; MemAE uses 100 for images).
   c.vit_memae.shrink_scale = 1.0  # Hard-shrinkage threshold lambda = shrink_scale / N (Eq. 10: 1/N); 0 = off.
   c.vit_memae.memory_temperature = 1.0  # Softmax over cos / temperature (Eq. 8: 1).
-  c.vit_memae.use_coord_attention = True  # Table 6 "CA": coordinate attention after the memory.
+  c.vit_memae.use_coord_attention = True  # Table 6 "CA": coordinate attention.
+  # Where CA sits: 'after_memory' (Fig. 2 and Sec. 3: "the feature maps F' computed by the memory network
+  # are conveyed to the CA module") or 'before_memory' (Sec. 3.3: "positioned between the memory module
+  # and the encoder"). Without the memory both are encoder -> CA -> decoder.
+  c.vit_memae.coord_attention_placement = 'after_memory'
   c.vit_memae.ca_reduction = 32  # CA hidden width = max(8, D // reduction) (Hou et al. default).
-  c.vit_memae.decoder_channels = (128, 128, 64, 32, 32, 16)  # Six transposed-conv stages (Sec. 3.4).
-  # Stage strides (1: 3x3 kernel, 2: 4x4, doubling the map); their product must be patch_size. The
-  # paper gives no order: size-keeping stages first is ~3x cheaper on CPU than last (at full size).
+  # The decoder's output layer. 'deconv' (Sec. 3.4): the last of the six transposed convs outputs the
+  # image channels into tanh, the others have BN + ReLU. 'conv': all six have BN + ReLU, then a 3x3 conv
+  # to the image channels and tanh (one layer more than the paper); it localises better at this size
+  # (docs/models/vit_memae.md, Readings). Changes the parameter layout of checkpoints.
+  c.vit_memae.decoder_output = 'conv'
+  # Widths of the transposed convs that have BN + ReLU (not given in the paper): six with 'conv', five
+  # with 'deconv' (the sixth outputs the image channels).
+  c.vit_memae.decoder_channels = (128, 128, 64, 32, 32, 16)
+  # Strides of the six transposed convs (1: 3x3 kernel, 2: 4x4, doubling the map); their product must be
+  # patch_size. The paper gives no order: size-keeping stages first is ~3x cheaper on CPU than last.
   c.vit_memae.decoder_strides = (1, 1, 2, 2, 2, 2)
   c.vit_memae.lambda_recon = 1.0  # Eq. 15 weight of the reconstruction loss.
+  # Eq. 11's L2 = (1/WH) ||X - X_hat||^2: 'sum' over the channels as written; 'mean' also divides by C
+  # (C times weaker against lambda_ssim and lambda_ent).
+  c.vit_memae.l2_channels = 'sum'
   c.vit_memae.lambda_ssim = 1.0  # Eq. 13 lambda of the block-SSIM term (the paper gives no value).
   c.vit_memae.lambda_ent = 0.001  # Eq. 15 weight of the addressing-weight entropy (Eq. 14).
   c.vit_memae.ssim_filter_size = 11  # SSIM window (Gaussian, dm-pix / skimage default).
@@ -75,9 +91,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.optimizer.schedule = 'constant'
     c.vit_memae.width = 768
     c.vit_memae.num_heads = 8
-    c.vit_memae.depth = 8  # Not given in the paper.
+    c.vit_memae.depth = 12  # ViT-B's: D = 768 and "the network's default configuration" (Sec. 4.2).
     c.vit_memae.num_memory = 2000  # Not given; MemAE's code default.
-    c.vit_memae.decoder_channels = (512, 512, 256, 128, 64, 32)
+    c.vit_memae.decoder_output = 'deconv'
+    c.vit_memae.decoder_channels = (512, 512, 256, 128, 64)
     if variant == 'btad':
       c.dataset.name = 'folder'
       c.dataset.root = ''  # The BTAD root (01/, 02/, 03/ with train/ok, test/ok|ko, ground_truth/ko).

@@ -152,6 +152,140 @@ def test_subpixel_conv_transpose_equals_flax(kernel, stride):
   np.testing.assert_allclose(np.asarray(ours.apply(params, x)), np.asarray(ref.apply(params, x)), atol=1e-5)
 
 
+# ------------------------------------------------------------------ decoder (Sec. 3.4), Eq. 11, CA placement
+
+
+def _calls(fn, select):
+  """fn() under flax's method interception: its result and (name, input, output) of the selected calls."""
+  calls = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and select(context.module):
+      calls.append((context.module.name, args[0], out))
+    return out
+
+  with nn.intercept_methods(record):
+    result = fn()
+  return result, calls
+
+
+@pytest.mark.parametrize('output', ['deconv', 'conv'])
+def test_decoder_layers_and_tanh_output(output):
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 16))
+  channels = (8, 8, 8, 8, 8) if output == 'deconv' else (8, 8, 8, 8, 8, 8)
+  dec = vit_memae.Decoder(channels, strides=(1, 1, 2, 2, 2, 2), out_channels=3, output=output)
+  v = dec.init(jax.random.key(1), x, train=False)
+  layer_types = (vit_memae.SubpixelConvTranspose, nn.BatchNorm, nn.Conv)
+  y, calls = _calls(lambda: dec.apply(v, x, train=False), lambda m: isinstance(m, layer_types))
+  names = [name for name, _, _ in calls]
+  if output == 'deconv':  # Sec. 3.4: six transposed convs, BN + ReLU after the first five.
+    assert names == [n for i in range(6) for n in (f'deconv_{i}', f'bn_{i}') if n != 'bn_5']
+    assert v['params']['deconv_5']['kernel'].shape == (4, 4, 8, 3)
+    assert 'bias' in v['params']['deconv_5'] and 'bias' not in v['params']['deconv_4']
+  else:  # Six transposed convs with BN + ReLU, then the 3x3 head.
+    assert names == [n for i in range(6) for n in (f'deconv_{i}', f'bn_{i}')] + ['head']
+    assert v['params']['head']['kernel'].shape == (3, 3, 8, 3)
+  assert sorted(v['params']) == sorted(set(names))
+  # The last layer's output goes straight into tanh: no BN or ReLU after it.
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.tanh(calls[-1][2])))
+  assert y.shape == (2, 64, 64, 3)
+  # Range: a large last kernel saturates tanh at both ends and never leaves [-1, 1].
+  last = names[-1]
+  big = jax.tree.map(lambda a: a, v)
+  big['params'][last]['kernel'] = v['params'][last]['kernel'] * 1e3
+  y = np.asarray(dec.apply(big, x, train=False))
+  assert y.min() >= -1.0 and y.max() <= 1.0
+  assert y.min() < -0.999 and y.max() > 0.999
+
+
+def test_decoder_output_configs_and_stage_check(tiny_dataset):
+  from configs import vit_memae as cfg_module
+
+  assert cfg_module.get_config().vit_memae.decoder_output == 'conv'
+  assert cfg_module.get_config('paper').vit_memae.decoder_output == 'deconv'
+  for variant in ('', 'paper'):
+    c = cfg_module.get_config(variant).vit_memae
+    assert len(c.decoder_strides) == 6  # Six transposed convs in both.
+  config = tiny_vit_memae_config(tiny_dataset, 'paper', **{'vit_memae.decoder_channels': (8,) * 6})
+  with pytest.raises(ValueError, match='7 with decoder_output'):
+    train.build_model(config, 10)
+
+
+def test_eq11_l2_sums_channels_and_averages_pixels():
+  rng = np.random.default_rng(0)
+  x = rng.random((3, 10, 12, 3)).astype(np.float32)
+  x_hat = rng.random((3, 10, 12, 3)).astype(np.float32)
+  h, w = x.shape[1:3]
+  # (1/WH) ||X - X_hat||_2^2 per image, then the batch mean.
+  ref = np.mean([np.sum((a.astype(np.float64) - b) ** 2) / (w * h) for a, b in zip(x, x_hat)])
+  np.testing.assert_allclose(float(vit_memae.l2_loss(x, x_hat, 'sum')), ref, rtol=1e-6)
+  np.testing.assert_allclose(float(vit_memae.l2_loss(x, x_hat, 'mean')), ref / 3, rtol=1e-6)
+
+
+def test_train_step_logs_eq11_l2_of_its_reconstruction(tiny_dataset):
+  from configs import vit_memae as cfg_module
+
+  assert cfg_module.get_config().vit_memae.l2_channels == 'sum'
+  assert cfg_module.get_config('paper').vit_memae.l2_channels == 'sum'
+  config = tiny_vit_memae_config(tiny_dataset, **{'vit_memae.num_memory': 10})
+  ctx = train.model_context(config, 1)
+  model = vit_memae.build(config.vit_memae, ctx)
+  images = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
+  state = model.init(jax.random.key(0), {'image': images}, None)
+  _, logs = model.train_step(state, {'image': images}, jax.random.key(1), None)
+  net = vit_memae.network(config.vit_memae, ctx)
+  (recon, _), _ = net.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats}, images, train=True, mutable=['batch_stats']
+  )
+  diff = np.asarray(images, np.float64) - np.asarray(recon, np.float64)
+  np.testing.assert_allclose(float(logs['l2']), np.mean(np.sum(diff**2, axis=-1)), rtol=1e-5)
+
+
+@pytest.mark.parametrize('placement', ['after_memory', 'before_memory'])
+def test_coord_attention_placement_moves_the_ca_module(placement, tiny_dataset):
+  config = tiny_vit_memae_config(
+    tiny_dataset, **{'vit_memae.num_memory': 10, 'vit_memae.coord_attention_placement': placement}
+  )
+  net = vit_memae.network(config.vit_memae, train.model_context(config, 1))
+  x = jnp.asarray(np.random.default_rng(0).random((2, 64, 64, 3)), jnp.float32)
+  v = net.init(jax.random.key(0), x, train=False)
+  top = ('encoder', 'memory', 'coord_attention', 'decoder')
+  (y, _), calls = _calls(
+    lambda: net.apply(v, x, train=False),
+    lambda m: m.parent is not None and m.name in top and m.parent.name is None,
+  )
+  called = {name: (inp, out) for name, inp, out in calls}
+  encoder_map = called['encoder'][1][0]
+  memory_out = called['memory'][1][0].astype(encoder_map.dtype)
+  if placement == 'after_memory':  # Fig. 2: encoder -> memory -> CA -> decoder.
+    assert [c[0] for c in calls] == ['encoder', 'memory', 'coord_attention', 'decoder']
+    np.testing.assert_array_equal(called['memory'][0], encoder_map)
+    np.testing.assert_array_equal(called['coord_attention'][0], memory_out)
+    np.testing.assert_array_equal(called['decoder'][0], called['coord_attention'][1])
+  else:  # Sec. 3.3: encoder -> CA -> memory -> decoder.
+    assert [c[0] for c in calls] == ['encoder', 'coord_attention', 'memory', 'decoder']
+    np.testing.assert_array_equal(called['coord_attention'][0], encoder_map)
+    np.testing.assert_array_equal(called['memory'][0], called['coord_attention'][1])
+    np.testing.assert_array_equal(called['decoder'][0], memory_out)
+  assert y.shape == x.shape
+
+
+def test_coord_attention_placement_keeps_the_parameter_layout(tiny_dataset):
+  shapes = {}
+  for placement in vit_memae.CA_PLACEMENTS:
+    config = tiny_vit_memae_config(
+      tiny_dataset, **{'vit_memae.num_memory': 10, 'vit_memae.coord_attention_placement': placement}
+    )
+    net = vit_memae.network(config.vit_memae, train.model_context(config, 1))
+    variables = jax.eval_shape(lambda: net.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+    shapes[placement] = jax.tree.map(lambda a: a.shape, variables)
+  assert shapes['after_memory'] == shapes['before_memory']
+  config = tiny_vit_memae_config(tiny_dataset, **{'vit_memae.coord_attention_placement': 'middle'})
+  with pytest.raises(ValueError, match='coord_attention_placement'):
+    train.build_model(config, 10)
+
+
 # --------------------------------------------------------------------------- configs through the harness
 
 
@@ -172,7 +306,8 @@ def tiny_vit_memae_config(root: str, variant: str = '', **overrides):
   c.vit_memae.width = 64 if variant else 32  # :paper keeps its 8 heads (head dim 8).
   c.vit_memae.num_heads = 8 if variant else 4
   c.vit_memae.depth = 1
-  c.vit_memae.decoder_channels = (32, 32, 16, 16, 8, 8)
+  # Six BN + ReLU stages with the default's 'conv' output, five with :paper's 'deconv'.
+  c.vit_memae.decoder_channels = (32, 32, 16, 16, 8, 8)[: 6 - (c.vit_memae.decoder_output == 'deconv')]
   c.vit_memae.smoothing_sigma = 2.0
   return override(c, **overrides)
 
@@ -244,6 +379,7 @@ def test_table6_ablation_tags(tag, memory, attention, tiny_dataset):
     c = cfg_module.get_config(f'{variant},{tag}')
     assert (c.vit_memae.use_memory, c.vit_memae.use_coord_attention) == (memory, attention)
   assert cfg_module.get_config('paper,base').vit_memae.width == 768
+  assert cfg_module.get_config('paper').vit_memae.depth == 12  # ViT-B (Sec. 4.2: D = 768, default config).
   config = tiny_vit_memae_config(tiny_dataset, f'paper,{tag}')
   net = vit_memae.network(config.vit_memae, train.model_context(config, 1))
   x = jnp.zeros((2, 64, 64, 3))

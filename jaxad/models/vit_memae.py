@@ -8,11 +8,14 @@ Pipeline (Fig. 2, Sec. 3):
   embedding E_pos in R^{(N+1) x D}, pre-norm blocks; Eq. 4-6) -> the N patch embeddings rearranged into
   a feature map F [H/P, W/P, D] (the [cls] output is dropped) -> memory module: every spatial feature z
   is replaced by w_hat M, cosine addressing + softmax, hard shrinkage at 1/N, L1 renormalisation
-  (Eq. 7-10) -> coordinate attention (Sec. 3.3) -> decoder: six transposed-conv stages with BatchNorm
-  + ReLU (strides multiply to P: H/P -> H), then a 3x3 conv to the image channels and tanh (Sec. 3.4).
+  (Eq. 7-10) -> coordinate attention (Sec. 3.3; `coord_attention_placement` puts it before the memory
+  instead) -> decoder: six transposed convs (strides multiply to P: H/P -> H), BatchNorm + ReLU after
+  each but the last, which outputs the image channels through tanh (Sec. 3.4; `decoder_output='deconv'`,
+  :paper), or BatchNorm + ReLU after all six, then a 3x3 conv to the image channels and tanh ('conv').
   The tanh output in [-1, 1] is mapped back to [0, 1]: every loss and map is in input units.
 
-Loss (Eq. 11-15): lambda_recon * (L2 + lambda_ssim * block-SSIM) + lambda_ent * entropy(w_hat).
+Loss (Eq. 11-15): lambda_recon * (L2 + lambda_ssim * block-SSIM) + lambda_ent * entropy(w_hat), L2 =
+(1/WH) ||X - X_hat||^2 summed over channels (Eq. 11).
 Anomaly map: the per-pixel form of the reconstruction loss, squared error (mean over channels) +
 map_ssim_weight * (1 - SSIM) (Sec. 1, contribution 4: L2 and SSIM "calculate the anomaly score"),
 smoothed with a Gaussian (Sec. 4.2); image score = max of the map (the paper does not say).
@@ -37,7 +40,13 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 SCORING_FIELDS = ('map_ssim_weight', 'smoothing_sigma')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
-LAYOUT_FIELDS = {'scan_blocks': False}
+LAYOUT_FIELDS = {'scan_blocks': False, 'decoder_output': 'conv'}
+# Where coordinate attention sits (Sec. 3.3): on the memory's output F' (Fig. 2) or on the encoder's F.
+CA_PLACEMENTS = ('after_memory', 'before_memory')
+# How Eq. 11's L2 reduces the channels: 'sum' as ||X - X_hat||^2 / (WH), 'mean' divides by C too.
+L2_CHANNELS = ('sum', 'mean')
+# The decoder's output layer: 'deconv', the last transposed conv (Sec. 3.4), or 'conv', an added 3x3 conv.
+DECODER_OUTPUTS = ('deconv', 'conv')
 
 
 def hard_shrink(w: jax.Array, threshold: float, eps: float = 1e-12) -> jax.Array:
@@ -210,24 +219,36 @@ class ViTEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Transposed-conv stages (BN + ReLU each; stride 2: 4x4 kernel, stride 1: 3x3), then conv + tanh."""
+  """Transposed convs (stride 2: 4x4 kernel, stride 1: 3x3) with BN + ReLU, then tanh.
+
+  output 'deconv' (Sec. 3.4): the last transposed conv outputs `out_channels` (no BN, no ReLU) into tanh;
+  `channels` are the widths of all stages but the last. 'conv': every stage has BN + ReLU, `channels`
+  are all their widths, and a 3x3 conv to `out_channels` follows.
+  """
 
   channels: tuple[int, ...]
   strides: tuple[int, ...]
   out_channels: int
+  output: str = 'deconv'  # One of DECODER_OUTPUTS.
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    for i, (c, s) in enumerate(zip(self.channels, self.strides)):
+    deconv_out = self.output == 'deconv'
+    widths = (*self.channels, self.out_channels) if deconv_out else tuple(self.channels)
+    last = len(widths) - 1
+    for i, (c, s) in enumerate(zip(widths, self.strides)):
       k = 4 if s == 2 else 3
+      output_stage = deconv_out and i == last
       # = nn.ConvTranspose(c, (k, k), strides=(s, s), padding='SAME'), fast on CPU too.
-      x = SubpixelConvTranspose(c, k, s, use_bias=False, dtype=self.dtype, name=f'deconv_{i}')(x)
-      x = nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f'bn_{i}'
-      )(x)
-      x = nn.relu(x)
-    x = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype, name='head')(x)
+      x = SubpixelConvTranspose(c, k, s, use_bias=output_stage, dtype=self.dtype, name=f'deconv_{i}')(x)
+      if not output_stage:
+        x = nn.BatchNorm(
+          use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=f'bn_{i}'
+        )(x)
+        x = nn.relu(x)
+    if not deconv_out:
+      x = nn.Conv(self.out_channels, (3, 3), padding='SAME', dtype=self.dtype, name='head')(x)
     return jnp.tanh(x.astype(jnp.float32))
 
 
@@ -241,9 +262,11 @@ class ViTMemAE(nn.Module):
   mlp_ratio: float
   decoder_channels: tuple[int, ...]
   decoder_strides: tuple[int, ...]
+  decoder_output: str = 'deconv'  # Decoder.output.
   out_channels: int = 3
   use_memory: bool = True
   use_coord_attention: bool = True
+  coord_attention_placement: str = 'after_memory'  # One of CA_PLACEMENTS.
   num_memory: int = 100
   shrink_scale: float = 1.0
   memory_temperature: float = 1.0
@@ -266,14 +289,26 @@ class ViTMemAE(nn.Module):
       self.scan_blocks,
       name='encoder',
     )(x)
+    coord_attention = lambda f: (
+      CoordinateAttention(self.ca_reduction, dtype=self.dtype, name='coord_attention')(f, train)
+      if self.use_coord_attention
+      else f
+    )
+    if self.coord_attention_placement == 'before_memory':
+      f = coord_attention(f)
     weights = None
     if self.use_memory:
       f, weights = Memory(self.num_memory, self.shrink_scale, self.memory_temperature, name='memory')(f)
       f = f.astype(self.dtype)
-    if self.use_coord_attention:
-      f = CoordinateAttention(self.ca_reduction, dtype=self.dtype, name='coord_attention')(f, train)
+    if self.coord_attention_placement == 'after_memory':
+      f = coord_attention(f)
     y = Decoder(
-      tuple(self.decoder_channels), tuple(self.decoder_strides), self.out_channels, self.dtype, name='decoder'
+      tuple(self.decoder_channels),
+      tuple(self.decoder_strides),
+      self.out_channels,
+      self.decoder_output,
+      self.dtype,
+      name='decoder',
     )(f, train)
     return (y + 1.0) / 2.0, weights
 
@@ -287,9 +322,11 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> ViTMemAE:
     mlp_ratio=cfg.mlp_ratio,
     decoder_channels=tuple(cfg.decoder_channels),
     decoder_strides=tuple(cfg.decoder_strides),
+    decoder_output=cfg.get('decoder_output', 'conv'),  # Records made before the switch: 'conv'.
     out_channels=ctx.channels,
     use_memory=cfg.use_memory,
     use_coord_attention=cfg.use_coord_attention,
+    coord_attention_placement=cfg.get('coord_attention_placement', 'after_memory'),  # As decoder_output.
     num_memory=cfg.num_memory,
     shrink_scale=cfg.shrink_scale,
     memory_temperature=cfg.memory_temperature,
@@ -306,6 +343,12 @@ def reconstruct(net: ViTMemAE, state: optim.TrainState, images: jax.Array) -> ja
   return recon
 
 
+def l2_loss(images: jax.Array, recon: jax.Array, channels: str) -> jax.Array:
+  """Eq. 11, (1/WH) ||X - X_hat||^2 averaged over the batch; channels 'sum' (Eq. 11) or 'mean' (/ C)."""
+  per_pixel = jnp.square(images.astype(jnp.float32) - recon.astype(jnp.float32))
+  return jnp.mean(jnp.sum(per_pixel, axis=-1) if channels == 'sum' else jnp.mean(per_pixel, axis=-1))
+
+
 def anomaly_maps(images: jax.Array, recon: jax.Array, cfg: ml_collections.ConfigDict) -> jax.Array:
   """Per-pixel Eq. 13 before smoothing: squared error (mean over channels) + w * (1 - SSIM)."""
   maps = losses.squared_error_map(images, recon)
@@ -319,12 +362,21 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   image_size = ctx.image_size
   if image_size % cfg.patch_size:
     raise ValueError(f'image_size {image_size} is not a multiple of vit_memae.patch_size {cfg.patch_size}')
+  if cfg.decoder_output not in DECODER_OUTPUTS:
+    raise ValueError(f'vit_memae.decoder_output {cfg.decoder_output!r} is not one of {DECODER_OUTPUTS}')
   strides = tuple(cfg.decoder_strides)
-  if len(strides) != len(cfg.decoder_channels) or math.prod(strides) != cfg.patch_size:
+  stages = len(cfg.decoder_channels) + (cfg.decoder_output == 'deconv')
+  if len(strides) != stages or math.prod(strides) != cfg.patch_size:
     raise ValueError(
-      f'vit_memae.decoder_strides {strides} must have one entry per decoder stage '
-      f'({len(cfg.decoder_channels)}) and multiply to patch_size {cfg.patch_size}'
+      f'vit_memae.decoder_strides {strides} must have one entry per decoder stage ({stages} with '
+      f'decoder_output={cfg.decoder_output!r}) and multiply to patch_size {cfg.patch_size}'
     )
+  if cfg.coord_attention_placement not in CA_PLACEMENTS:
+    raise ValueError(
+      f'vit_memae.coord_attention_placement {cfg.coord_attention_placement!r} is not one of {CA_PLACEMENTS}'
+    )
+  if cfg.l2_channels not in L2_CHANNELS:
+    raise ValueError(f'vit_memae.l2_channels {cfg.l2_channels!r} is not one of {L2_CHANNELS}')
   net = network(cfg, ctx)
   tx = ctx.make_optimizer()
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size, filter_sigma=cfg.ssim_sigma)
@@ -344,7 +396,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
       (recon, weights), updates = net.apply(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True, mutable=['batch_stats']
       )
-      l2 = losses.mse(images, recon)  # Eq. 11
+      l2 = l2_loss(images, recon, cfg.l2_channels)  # Eq. 11
       ssim = losses.ssim_loss(images, recon, **ssim_kwargs)  # Eq. 12
       recon_loss = l2 + cfg.lambda_ssim * ssim  # Eq. 13
       parts = {'l2': l2, 'ssim_loss': ssim, 'recon_loss': recon_loss}
