@@ -25,7 +25,7 @@ import os
 import ml_collections
 import numpy as np
 
-from jaxad import metrics, writers
+from jaxad import metrics, provenance, writers
 
 VERSION = 1
 RULES = ('normal_quantile', 'f1_max', 'manual')
@@ -217,11 +217,13 @@ def describe(calib: Calibration) -> dict:
 
 
 def load_config_record(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run was trained with, from `<workdir>/config.json` (lists become tuples)."""
+  """The config a run was trained with, from `<workdir>/config.json` (lists become tuples; fields
+  added since it was recorded take the value that reproduces it, `provenance.implied_fields`)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} is missing: {workdir} is not a trained jaxad run directory.')
   flat = json.loads(open(path).read())['config']
+  flat = {**provenance.implied_fields(flat['model.name']), **flat}
   tree = {}
   for key, value in flat.items():
     node = tree

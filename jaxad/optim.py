@@ -30,7 +30,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Gr
   except AttributeError:
     raise ValueError(f'Unknown optax optimizer {opt.name!r}.') from None
   tx = factory(learning_rate=schedule, **opt.get('kwargs', {}))
-  l2 = opt.get('l2_weight_decay', 0.0)  # Absent from records made before the knob.
+  l2 = opt.l2_weight_decay
   if l2:
     tx = optax.chain(optax.add_decayed_weights(l2), tx)
   if opt.grad_clip:

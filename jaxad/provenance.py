@@ -73,15 +73,40 @@ def scoring_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return EVALUATION_FIELDS + tuple(f'{name}.{f}' for f in getattr(module, 'SCORING_FIELDS', ()))
 
 
-def layout_fields(config: ml_collections.ConfigDict) -> dict:
-  """{'<model>.<field>': value a record without the field implies} of the model's `LAYOUT_FIELDS`:
-  fields that change the parameter layout of its checkpoints (e.g. `scan_blocks`)."""
-  name = config.model.name
+# Config fields added after runs were first recorded, each with the value that reproduces a run
+# recorded without it: such a record reads as having that value (a rerun, jaxad.load). A model module
+# lists its own as `ADDED_FIELDS`, and those that change its parameter layout as `LAYOUT_FIELDS`.
+ADDED_FIELDS = {
+  'num_seeds': 1,
+  'optimizer.l2_weight_decay': 0.0,
+  'defects.mask': 'coverage',
+  'defects.threshold': 0.5,
+  'defects.clean_fraction': 0.0,
+}
+
+
+def _model_fields(name: str, attribute: str) -> dict:
   try:
     module = importlib.import_module(f'jaxad.models.{name}')
   except ImportError:
     return {}
-  return {f'{name}.{f}': v for f, v in getattr(module, 'LAYOUT_FIELDS', {}).items()}
+  return {f'{name}.{f}': v for f, v in getattr(module, attribute, {}).items()}
+
+
+def layout_fields(config: ml_collections.ConfigDict) -> dict:
+  """{'<model>.<field>': value a record without the field implies} of the model's `LAYOUT_FIELDS`:
+  fields that change the parameter layout of its checkpoints (e.g. `scan_blocks`)."""
+  return _model_fields(config.model.name, 'LAYOUT_FIELDS')
+
+
+def implied_fields(model_name: str) -> dict:
+  """{flat field: value} that a record without the field implies: `ADDED_FIELDS` and the model's
+  `ADDED_FIELDS` and `LAYOUT_FIELDS`."""
+  return {
+    **ADDED_FIELDS,
+    **_model_fields(model_name, 'ADDED_FIELDS'),
+    **_model_fields(model_name, 'LAYOUT_FIELDS'),
+  }
 
 
 def data_fingerprint(samples_by_category: dict) -> dict:
@@ -177,8 +202,7 @@ def check_rerun(path: str, current: dict, config: ml_collections.ConfigDict) -> 
       '--workdir, or remove the file to continue this one.'
     ) from e
   layout = layout_fields(config)
-  # Records from before a layout field existed were written in the layout its old value gives.
-  recorded = {**recorded, 'config': {**layout, **recorded.get('config', {})}}
+  recorded = {**recorded, 'config': {**implied_fields(config.model.name), **recorded.get('config', {})}}
   diff = differences(recorded, current, scoring_fields(config))
   changed_layout = {k: diff[k] for k in layout if k in diff}
   if changed_layout:

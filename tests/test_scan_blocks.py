@@ -173,3 +173,30 @@ def test_a_run_in_the_other_parameter_layout_is_refused_with_the_flag_to_pass(tm
     provenance.check_rerun(path, current, config)
   config.sivt.scan_blocks = False
   assert provenance.check_rerun(path, {'config': provenance.flat_config(config), 'data': {}}, config) == {}
+
+
+def test_a_record_from_before_added_fields_reruns_and_loads_with_the_values_it_was_trained_with(tmp_path):
+  """Fields added since a run was recorded read as the value that reproduces it: a rerun with those
+  values is no change, another value is, and `load_config_record` fills them in."""
+  from jaxad import calibration
+
+  config, _ = _sivt()
+  config.sivt.scan_blocks = False
+  old = provenance.flat_config(config)
+  implied = provenance.implied_fields('sivt')
+  assert {'num_seeds', 'optimizer.l2_weight_decay', 'sivt.image_score_map', 'sivt.scan_blocks'} <= set(
+    implied
+  )
+  for field in implied:
+    del old[field]
+  (tmp_path / 'config.json').write_text(json.dumps({'config': old, 'data': {}}))
+  current = {'config': provenance.flat_config(config), 'data': {}}
+  assert provenance.check_rerun(str(tmp_path / 'config.json'), current, config) == {}
+  config.optimizer.l2_weight_decay = 1e-5
+  with pytest.raises(provenance.ConfigMismatch, match='optimizer.l2_weight_decay'):
+    provenance.check_rerun(
+      str(tmp_path / 'config.json'), {'config': provenance.flat_config(config), 'data': {}}, config
+    )
+  loaded = calibration.load_config_record(str(tmp_path))
+  assert loaded.num_seeds == 1 and loaded.optimizer.l2_weight_decay == 0.0
+  assert loaded.sivt.image_score_map == 'smoothed' and loaded.sivt.scan_blocks is False

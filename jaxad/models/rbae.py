@@ -37,6 +37,10 @@ import optax
 from jaxad import losses
 from jaxad.models import AnomalyModel, ModelContext, backbones, layers
 
+# Config fields added after runs were recorded, with the value a record without them implies
+# (jaxad.provenance.implied_fields).
+ADDED_FIELDS = {'perceptual_layers': 'stage_ends', 'stop_segmentation_gradient': False}
+
 # Config fields of the `rbae` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
 SCORING_FIELDS = ('score', 'smoothing_sigma', 'map_weights')
@@ -281,13 +285,13 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> RBAE:
     cfg.ffm_kernel,
     cfg.use_rbam,
     cfg.head_width,
-    cfg.get('stop_segmentation_gradient', False),  # Absent from records made before the switch.
+    cfg.stop_segmentation_gradient,
     ctx.dtype,
   )
 
 
 def perceptual_layers(cfg: ml_collections.ConfigDict) -> str:
-  return cfg.get('perceptual_layers', 'stage_ends')  # Absent from records made before the switch.
+  return cfg.perceptual_layers
 
 
 def _check(cfg: ml_collections.ConfigDict, ctx: ModelContext):

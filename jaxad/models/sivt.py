@@ -25,6 +25,9 @@ SCORING_FIELDS = ('smoothing_sigma', 'test_partition_seed', 'test_partitions', '
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
 LAYOUT_FIELDS = {'scan_blocks': False}
+# Config fields added after runs were recorded, with the value a record without them implies
+# (jaxad.provenance.implied_fields).
+ADDED_FIELDS = {'image_score_map': 'smoothed'}
 
 
 class SelfInductionViT(nn.Module):
@@ -120,14 +123,13 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     cfg.mlp_ratio,
     ctx.dtype,
     attention_implementation=ctx.attention_implementation,
-    scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
+    scan_blocks=cfg.scan_blocks,
   )
   tx = ctx.make_optimizer()
   test_keys = jax.random.split(jax.random.key(cfg.test_partition_seed), cfg.test_partitions)
   test_partitions = [random_partition(k, num_tokens, cfg.num_subsets) for k in test_keys]
   image_size = ctx.image_size
-  # Absent from records made before the switch: the map it scored then.
-  image_score_map = cfg.get('image_score_map', 'smoothed')
+  image_score_map = cfg.image_score_map
   if image_score_map not in ('smoothed', 'eq3'):
     raise ValueError(f"sivt.image_score_map must be 'smoothed' or 'eq3', got {image_score_map!r}")
 

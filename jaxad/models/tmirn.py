@@ -57,6 +57,9 @@ SCORING_FIELDS = ('scale_weights', 'score_parts', 'smooth_kernels', 'image_smoot
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
 LAYOUT_FIELDS = {'scan_blocks': False, 'skip_from': 'deepest'}
+# Config fields added after runs were recorded, with the value a record without them implies
+# (jaxad.provenance.implied_fields).
+ADDED_FIELDS = {'pos_embed': 'module_input', 'adversarial_loss': 'mse'}
 
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
@@ -516,9 +519,8 @@ def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generat
     raise ValueError(f'tmirn needs image_size divisible by {2**NUM_LEVELS}, got {ctx.image_size}')
   if not 0 <= cfg.num_skips <= 3:
     raise ValueError(f'tmirn.num_skips must be 0-3, got {cfg.num_skips}')
-  # Absent from records made before these switches: the behaviour they had then.
-  skip_from = cfg.get('skip_from', 'deepest')
-  pos_embed = cfg.get('pos_embed', 'module_input')
+  skip_from = cfg.skip_from
+  pos_embed = cfg.pos_embed
   if skip_from not in ('deepest', 'lowest'):
     raise ValueError(f"tmirn.skip_from must be 'deepest' or 'lowest', got {skip_from!r}")
   if pos_embed not in ('module_input', 'every_block'):
@@ -531,7 +533,7 @@ def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generat
     mlp_ratio=cfg.mlp_ratio,
     dtype=ctx.dtype,
     use_maff=cfg.use_maff,
-    scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
+    scan_blocks=cfg.scan_blocks,
     pos_embed=pos_embed,
   )
   gen = Generator(
@@ -555,8 +557,8 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
   real_label, fake_label = (float(v) for v in cfg.soft_labels)
   ssim_kwargs = dict(filter_size=cfg.ssim_filter_size)
   distance = DISTANCES[cfg.l2_loss]  # Eq. 17-18.
-  # Eq. 15, 19 on D's scalar outputs; absent from records made before the switch: 'mse'.
-  adversarial = DISTANCES[cfg.get('adversarial_loss', 'mse')]
+  # Eq. 15, 19 on D's scalar outputs.
+  adversarial = DISTANCES[cfg.adversarial_loss]
   target_distance = lambda scores, target: adversarial(scores, jnp.full_like(scores, target))
 
   def init(rng, batch, frozen):

@@ -41,6 +41,9 @@ SCORING_FIELDS = ('map_ssim_weight', 'smoothing_sigma')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
 LAYOUT_FIELDS = {'scan_blocks': False, 'decoder_output': 'conv'}
+# Config fields added after runs were recorded, with the value a record without them implies
+# (jaxad.provenance.implied_fields).
+ADDED_FIELDS = {'coord_attention_placement': 'after_memory', 'l2_channels': 'mean'}
 # Where coordinate attention sits (Sec. 3.3): on the memory's output F' (Fig. 2) or on the encoder's F.
 CA_PLACEMENTS = ('after_memory', 'before_memory')
 # How Eq. 11's L2 reduces the channels: 'sum' as ||X - X_hat||^2 / (WH), 'mean' divides by C too.
@@ -322,18 +325,18 @@ def network(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> ViTMemAE:
     mlp_ratio=cfg.mlp_ratio,
     decoder_channels=tuple(cfg.decoder_channels),
     decoder_strides=tuple(cfg.decoder_strides),
-    decoder_output=cfg.get('decoder_output', 'conv'),  # Records made before the switch: 'conv'.
+    decoder_output=cfg.decoder_output,
     out_channels=ctx.channels,
     use_memory=cfg.use_memory,
     use_coord_attention=cfg.use_coord_attention,
-    coord_attention_placement=cfg.get('coord_attention_placement', 'after_memory'),  # As decoder_output.
+    coord_attention_placement=cfg.coord_attention_placement,
     num_memory=cfg.num_memory,
     shrink_scale=cfg.shrink_scale,
     memory_temperature=cfg.memory_temperature,
     ca_reduction=cfg.ca_reduction,
     dtype=ctx.dtype,
     attention_implementation=ctx.attention_implementation,
-    scan_blocks=cfg.get('scan_blocks', False),  # Absent from records made before the switch.
+    scan_blocks=cfg.scan_blocks,
   )
 
 
