@@ -36,26 +36,58 @@ def _mask_vitgan(root):
   )
 
 
+def _tmirn(root):
+  from test_tmirn import _tiny_config
+
+  return override(
+    tiny_folder_config(_tiny_config(), root), num_epochs=1, num_heatmaps=0, **{'dataset.unified': False}
+  )
+
+
+def _rbae(root):
+  from test_rbae import _tiny_config
+
+  return override(_tiny_config(root), num_heatmaps=0)
+
+
+def _vit_memae(root):
+  from test_vit_memae import tiny_vit_memae_config
+
+  return override(tiny_vit_memae_config(root), num_heatmaps=0)
+
+
 CONFIGS = {
   'mean_image': _mean_image,
   'sivt': lambda root: tiny_sivt_config(root, num_heatmaps=0, **{'dataset.unified': False}),
   'mask_vitgan': _mask_vitgan,
+  'tmirn': _tmirn,
+  'rbae': _rbae,
+  'vit_memae': _vit_memae,
 }
+# Every model's detector converts; these three train and compile for minutes on 2 cores.
+NAMES = [
+  pytest.param(n, marks=pytest.mark.slow) if n in ('tmirn', 'rbae', 'vit_memae') else n for n in CONFIGS
+]
 
 
 @pytest.fixture(scope='module')
 def detectors(tiny_dataset, tmp_path_factory):
-  out = {}
-  for name, make in CONFIGS.items():
-    workdir = tmp_path_factory.mktemp(f'export_{name}')
-    train.train_and_evaluate(make(tiny_dataset), str(workdir))
-    out[name] = jaxad.load(str(workdir))
-  return out
+  """name -> the loaded detector of a tiny run of that model, trained on first use."""
+  cache = {}
+
+  def detector(name):
+    if name not in cache:
+      workdir = tmp_path_factory.mktemp(f'export_{name}')
+      train.train_and_evaluate(CONFIGS[name](tiny_dataset), str(workdir))
+      cache[name] = jaxad.load(str(workdir))
+    return cache[name]
+
+  return detector
 
 
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('name', NAMES)
 def test_stablehlo_artifact_reproduces_the_checkpoint_and_loads_with_jax_alone(name, detectors, tmp_path):
-  detector = detectors[name]
+  detector = detectors(name)
   category = detector.categories[0]
   path = str(tmp_path / f'{name}.stablehlo')
   report = export.export(detector, category, 'stablehlo', path, count=4)
@@ -86,16 +118,16 @@ def test_stablehlo_artifact_reproduces_the_checkpoint_and_loads_with_jax_alone(n
     np.testing.assert_allclose(np.load(tmp_path / f'x.npy.{n}.npy'), want.scores[:n], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('name', list(CONFIGS))
+@pytest.mark.parametrize('name', NAMES)
 def test_onnx_artifact_reproduces_the_checkpoint(name, detectors, tmp_path):
   pytest.importorskip('jax2onnx', reason='jax2onnx is not installed (see jaxad/export.py)')
-  detector = detectors[name]
+  detector = detectors(name)
   report = export.export(detector, detector.categories[0], 'onnx', str(tmp_path / f'{name}.onnx'), count=4)
   assert report['passed'] and report['images'] == 4
 
 
 def test_a_parity_failure_is_an_error(detectors, tmp_path):
-  detector = detectors['mean_image']
+  detector = detectors('mean_image')
   category = detector.categories[0]
   images = export.parity_images(detector, category, 2)
   reference = export.uint8_function(detector, category)

@@ -154,7 +154,9 @@ class PooledAttention(nn.Module):
     q = dense((self.num_heads, hd), name='query')(x).reshape(b, h * w, self.num_heads, hd)
     k, v = (dense((self.num_heads, hd), name=n)(x).reshape(b, h, w, c) for n in ('key', 'value'))
     p = self.pool
-    k, v = (nn.avg_pool(t, (p, p), strides=(p, p)).reshape(b, -1, self.num_heads, hd) for t in (k, v))
+    k, v = (
+      nn.avg_pool(t, window_shape=(p, p), strides=(p, p)).reshape(b, -1, self.num_heads, hd) for t in (k, v)
+    )
     y = jax.nn.dot_product_attention(q, k, v)  # softmax(QK'^T / sqrt(d)) V'
     return dense(c, axis=(-2, -1), name='out')(y).reshape(b, h, w, c)
 
@@ -474,7 +476,10 @@ DISTANCES = {'norm': l2_norm, 'mse': losses.mse}
 def mean_smooth(maps: jax.Array, kernels: tuple[int, ...]) -> jax.Array:
   """Fig. 9: mean of stride-1 'SAME' mean poolings of [B, H, W] maps with each kernel size."""
   x = maps[..., None]
-  pooled = [nn.avg_pool(x, (k, k), strides=(1, 1), padding='SAME', count_include_pad=False) for k in kernels]
+  pooled = [
+    nn.avg_pool(x, window_shape=(k, k), strides=(1, 1), padding='SAME', count_include_pad=False)
+    for k in kernels
+  ]
   return jnp.mean(jnp.stack(pooled), axis=0)[..., 0]
 
 
