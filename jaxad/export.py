@@ -64,6 +64,13 @@ def export_onnx(detector, category: str, path: str):
     ) from e
   import onnxruntime
 
+  name = detector.config.model.name
+  if detector.config[name].get('scan_blocks', False):
+    raise RuntimeError(
+      f'jax2onnx cannot convert scanned blocks (nn.scan) with a symbolic batch, and this run was trained '
+      f'with {name}.scan_blocks=True: export it with --format=stablehlo, or train it with '
+      f'--config.{name}.scan_blocks=False for ONNX.'
+    )
   try:
     model = to_onnx(uint8_function(detector, category), [_spec(detector)])
   except Exception as e:  # The converter raises many types for primitives it does not handle.

@@ -201,9 +201,12 @@ def check_rerun(path: str, current: dict, config: ml_collections.ConfigDict) -> 
       f'{path} is unreadable ({e}): this workdir cannot be checked against the config. Use a new '
       '--workdir, or remove the file to continue this one.'
     ) from e
-  layout = layout_fields(config)
-  recorded = {**recorded, 'config': {**implied_fields(config.model.name), **recorded.get('config', {})}}
+  recorded_model = recorded.get('config', {}).get('model.name', config.model.name)
+  implied = implied_fields(recorded_model)
+  recorded = {**recorded, 'config': {**implied, **recorded.get('config', {})}}
   diff = differences(recorded, current, scoring_fields(config))
+  # Another model is a difference like any other; the layout matters for the same model's checkpoints.
+  layout = layout_fields(config) if recorded_model == config.model.name else {}
   changed_layout = {k: diff[k] for k in layout if k in diff}
   if changed_layout:
     lines = '\n'.join(f'  {k}: {old!r} -> {new!r}' for k, (old, new) in changed_layout.items())
