@@ -35,6 +35,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   m.num_heads = 4  # Attention heads of the generator and the extra encoder.
   m.mlp_ratio = 4.0  # MLP hidden width / token width (generator and discriminator).
   m.share_encoder = False  # True: the extra encoder is the generator's encoder (shared weights).
+  # True: the in-blocks and the out-blocks (with their skip linears) of the generator and the extra
+  # encoder each as one nn.scan over stacked params, compiled once. Changes the parameter layout of
+  # checkpoints; ONNX export needs False (docs/deploy.md).
+  m.scan_blocks = False
   m.long_skips = True  # U-ViT long skips (in-block i -> out-block (depth - 1) / 2 - 1 - i).
   m.out_conv = True  # 3x3 convolution after the decoder.
   m.small_head = True  # Grey start: small patch-head init, +0.5, residual zero-init conv.

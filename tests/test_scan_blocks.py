@@ -9,11 +9,23 @@ import numpy as np
 import pytest
 from conftest import override
 
+from configs import mask_vitgan as mask_vitgan_config
 from configs import sivt as sivt_config
 from configs import tmirn as tmirn_config
 from configs import vit_memae as vit_memae_config
 from jaxad import provenance, train
-from jaxad.models import layers
+from jaxad.models import layers, mask_vitgan
+
+
+def _stacking(*names):
+  """Unrolled params -> the scanned layout: `layers.stack_block_params` of each name."""
+
+  def port(params):
+    for name in names:
+      params = layers.stack_block_params(params, name)
+    return params
+
+  return port
 
 
 def _tmirn():
@@ -32,7 +44,7 @@ def _tmirn():
       'tmirn.latent_dim': 8,
       'tmirn.ssim_filter_size': 3,
     },
-  ), ('block',)
+  ), _stacking('block')
 
 
 def _sivt():
@@ -48,7 +60,7 @@ def _sivt():
       'sivt.decoder_depth': 2,
       'sivt.num_heads': 2,
     },
-  ), ('encoder', 'decoder')
+  ), _stacking('encoder', 'decoder')
 
 
 def _vit_memae():
@@ -65,7 +77,27 @@ def _vit_memae():
       'vit_memae.decoder_channels': (8, 8, 8, 8, 8, 8),
       'vit_memae.ssim_filter_size': 3,
     },
-  ), ('block',)
+  ), _stacking('block')
+
+
+def _mask_vitgan(long_skips=True):
+  c = mask_vitgan_config.get_config()
+  return override(
+    c,
+    **{
+      'dataset.image_size': 32,
+      'batch_size': 2,
+      'mask_vitgan.depth': 5,
+      'mask_vitgan.width': 32,
+      'mask_vitgan.num_heads': 2,
+      'mask_vitgan.long_skips': long_skips,
+      'mask_vitgan.disc_depth': 1,
+      'mask_vitgan.disc_width': 32,
+      'mask_vitgan.disc_feature_dim': 16,
+      'mask_vitgan.mask_cells': (2, 4),
+      'mask_vitgan.select': 'mean',  # Eq. 8's mu_i comes from the harness's reference pass.
+    },
+  ), mask_vitgan.scanned_layout
 
 
 def _states(state):
@@ -73,14 +105,12 @@ def _states(state):
   return state if isinstance(state, dict) else {'': state}
 
 
-def _to_scanned(unrolled, scanned, names):
+def _to_scanned(unrolled, scanned, port):
   """`scanned` (a fresh scanned-layout state) holding `unrolled`'s weights and statistics."""
   out = {}
   for key, ts in _states(scanned).items():
     src = _states(unrolled)[key]
-    params = src.params
-    for name in names:
-      params = layers.stack_block_params(params, name)
+    params = port(src.params)
     assert jax.tree.structure(params) == jax.tree.structure(ts.params)
     new = ts.replace(params=params, opt_state=ts.tx.init(params))
     if hasattr(src, 'batch_stats'):
@@ -89,14 +119,8 @@ def _to_scanned(unrolled, scanned, names):
   return out if isinstance(scanned, dict) else out['']
 
 
-def _stacked_params(state, names):
-  out = {}
-  for key, ts in _states(state).items():
-    params = ts.params
-    for name in names:
-      params = layers.stack_block_params(params, name)
-    out[key] = params
-  return out
+def _ported_params(state, port):
+  return {key: port(ts.params) for key, ts in _states(state).items()}
 
 
 @pytest.mark.parametrize(
@@ -106,10 +130,14 @@ def _stacked_params(state, names):
     pytest.param(_tmirn, marks=pytest.mark.slow, id='tmirn'),
     pytest.param(_sivt, id='sivt'),
     pytest.param(_vit_memae, id='vit_memae'),
+    pytest.param(_mask_vitgan, id='mask_vitgan'),
+    pytest.param(
+      lambda: _mask_vitgan(long_skips=False), marks=pytest.mark.slow, id='mask_vitgan_no_long_skips'
+    ),
   ],
 )
 def test_scanned_blocks_equal_unrolled(make_config):
-  config, names = make_config()
+  config, port = make_config()
   rng = np.random.default_rng(0)
   models = {}
   for scan in (False, True):
@@ -123,7 +151,7 @@ def test_scanned_blocks_equal_unrolled(make_config):
     batch = {'image': batch['image'], **model.precompute(batch, model.frozen)}
   init_key, step_key = jax.random.split(jax.random.key(1))
   unrolled = model.init(init_key, batch, model.frozen)
-  scanned = _to_scanned(unrolled, models[True].init(init_key, batch, models[True].frozen), names)
+  scanned = _to_scanned(unrolled, models[True].init(init_key, batch, models[True].frozen), port)
   # The scanned layout is a stack: fewer top-level entries, one leading axis per stacked block.
   assert len(jax.tree.leaves(scanned)) < len(jax.tree.leaves(unrolled))
 
@@ -132,7 +160,7 @@ def test_scanned_blocks_equal_unrolled(make_config):
     m = models[scan]
     new_state, step_metrics = jax.jit(m.train_step)(state, batch, step_key, m.frozen)
     maps, scores = jax.jit(m.score)(new_state, batch, m.frozen)
-    results[scan] = (step_metrics, _stacked_params(new_state, names), maps, scores)
+    results[scan] = (step_metrics, _ported_params(new_state, port), maps, scores)
   (m0, p0, maps0, s0), (m1, p1, maps1, s1) = results[False], results[True]
   assert set(m0) == set(m1)
   for k in m0:

@@ -47,6 +47,9 @@ from jaxad.models import AnomalyModel, ModelContext, layers, tome
 # Config fields of the `mask_vitgan` block that only change scoring: a finished run may be rescored with
 # other values (jaxad.provenance).
 SCORING_FIELDS = ('error', 'select', 'smoothing_sigma', 'image_score')
+# Config fields that change the parameter layout, with the value a record without them implies: a run
+# is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
+LAYOUT_FIELDS = {'scan_blocks': False}
 
 
 def complementary_masks(image_size: int, cells: tuple[int, ...]) -> np.ndarray:
@@ -81,9 +84,57 @@ def uvit_split(depth: int) -> int:
   return depth // 2
 
 
+def _carry_and_emit(block, x, _):
+  y = block(x)
+  return y, y
+
+
+class SkipBlock(nn.Module):
+  """A U-ViT out-block with its long skip: Block(linear(concat(h_main, h_skip))) (the scanned layout)."""
+
+  width: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None  # layers.Attention.implementation.
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array) -> tuple[jax.Array, None]:
+    x = nn.Dense(self.width, dtype=self.dtype, name='skip_linear')(jnp.concatenate([x, skip], -1))
+    x = layers.Block(self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name='block')(
+      x
+    )
+    return x, None
+
+
+def scanned_layout(params: dict) -> dict:
+  """Generator or extra-encoder params of the unrolled layout (`in_block_{i}`, `skip_linear_{j}`,
+  `out_block_{j}`) in the `scan_blocks` layout: `in_block` stacked, and `out_block` stacked (with
+  long skips, each out-block's {'skip_linear', 'block'})."""
+  return _stack_out_blocks(layers.stack_block_params(params, 'in_block'))
+
+
+def _stack_out_blocks(params):
+  if not isinstance(params, dict):
+    return params
+  numbered = ('skip_linear_', 'out_block_')
+  out = {k: _stack_out_blocks(v) for k, v in params.items() if not k.startswith(numbered)}
+  n = sum(k.startswith('out_block_') for k in params)
+  if n:
+    blocks = [params[f'out_block_{j}'] for j in range(n)]
+    if 'skip_linear_0' in params:
+      blocks = [{'skip_linear': params[f'skip_linear_{j}'], 'block': b} for j, b in enumerate(blocks)]
+    out['out_block'] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+  return out
+
+
 class UViTEncoder(nn.Module):
-  """Image [B, H, W, C] -> the in-blocks' outputs [num_blocks x [B, N, D]] (patch embedding, fixed
-  sincos positions, `num_blocks` Transformer blocks); the last is the latent the generator passes on."""
+  """Image [B, H, W, C] -> the in-blocks' outputs [num_blocks, B, N, D] (patch embedding, fixed sincos
+  positions, `num_blocks` Transformer blocks); the last is the latent the generator passes on.
+
+  `scan_blocks`: the in-blocks as one `nn.scan` over params stacked under `in_block` (compiled once)
+  instead of submodules `in_block_{i}` (`scanned_layout` maps one layout onto the other).
+  """
 
   patch_size: int
   width: int
@@ -92,17 +143,24 @@ class UViTEncoder(nn.Module):
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
+  scan_blocks: bool = False
 
   @nn.compact
-  def __call__(self, image: jax.Array) -> list[jax.Array]:
+  def __call__(self, image: jax.Array) -> jax.Array:
     x = _patch_embed(image.astype(self.dtype), self.patch_size, self.width, self.dtype, 'patch_embed')
+    block = lambda name: layers.Block(
+      self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=name
+    )
+    if self.scan_blocks:
+      body = nn.scan(
+        _carry_and_emit, variable_axes={'params': 0}, split_rngs={'params': True}, length=self.num_blocks
+      )
+      return body(block('in_block'), x, None)[1]
     hs = []
     for i in range(self.num_blocks):
-      x = layers.Block(
-        self.num_heads, self.mlp_ratio, self.dtype, self.attention_implementation, name=f'in_block_{i}'
-      )(x)
+      x = block(f'in_block_{i}')(x)
       hs.append(x)
-    return hs
+    return jnp.stack(hs)
 
 
 class UViTGenerator(nn.Module):
@@ -112,6 +170,8 @@ class UViTGenerator(nn.Module):
   in-blocks), one mid-block, n out-blocks, LayerNorm, a linear patch head and a 3x3 convolution.
   Out-block j first takes linear(concat(h_m, h_s)) with h_s the output of in-block n-1-j (the long
   skips, Sec. 2.1.2, Fig. 4). z is the last in-block's output, the tokens entering the mid-block.
+  `scan_blocks`: in-blocks and out-blocks (with their skip linears) each as one `nn.scan` over stacked
+  params, compiled once (`scanned_layout`).
   """
 
   patch_size: int
@@ -125,6 +185,7 @@ class UViTGenerator(nn.Module):
   small_head: bool = True
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None  # layers.Attention.implementation.
+  scan_blocks: bool = False
 
   @nn.compact
   def __call__(self, image: jax.Array):
@@ -146,16 +207,33 @@ class UViTGenerator(nn.Module):
       self.mlp_ratio,
       self.dtype,
       self.attention_implementation,
+      self.scan_blocks,
       name='encoder',
     )(image)
     z = hs[-1]
     x = block('mid_block')(z)
-    for j in range(n):
-      if self.long_skips:  # U-ViT: concat(h_m, h_s) -> linear, before the block.
-        x = nn.Dense(self.width, dtype=self.dtype, name=f'skip_linear_{j}')(
-          jnp.concatenate([x, hs[n - 1 - j]], -1)
-        )
-      x = block(f'out_block_{j}')(x)
+    if self.scan_blocks and self.long_skips:
+      skip_block = SkipBlock(
+        self.width,
+        self.num_heads,
+        self.mlp_ratio,
+        self.dtype,
+        self.attention_implementation,
+        name='out_block',
+      )
+      body = nn.scan(
+        lambda mdl, x, skip: mdl(x, skip), variable_axes={'params': 0}, split_rngs={'params': True}, length=n
+      )
+      x, _ = body(skip_block, x, hs[::-1])  # Out-block j gets in-block n-1-j's output.
+    elif self.scan_blocks:
+      x = layers.repeat_blocks(block, n, True, 'out_block')(x)
+    else:
+      for j in range(n):
+        if self.long_skips:  # U-ViT: concat(h_m, h_s) -> linear, before the block.
+          x = nn.Dense(self.width, dtype=self.dtype, name=f'skip_linear_{j}')(
+            jnp.concatenate([x, hs[n - 1 - j]], -1)
+          )
+        x = block(f'out_block_{j}')(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     head_init = nn.initializers.normal(0.02) if self.small_head else nn.initializers.lecun_normal()
     x = nn.Dense(p * p * self.channels, kernel_init=head_init, dtype=self.dtype, name='decoder_pred')(x)
@@ -261,6 +339,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     cfg.small_head,
     dtype,
     attention_implementation=ctx.attention_implementation,
+    scan_blocks=cfg.scan_blocks,
   )
   # The extra encoder of L_enc: the generator's encoder part (patch embedding + in-blocks), its own
   # weights or, with `share_encoder`, the generator's.
@@ -272,6 +351,7 @@ def build(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> AnomalyModel:
     cfg.mlp_ratio,
     dtype,
     attention_implementation=ctx.attention_implementation,
+    scan_blocks=cfg.scan_blocks,
   )
 
   def encode(g_params, image):
