@@ -166,6 +166,7 @@ def test_main_writes_outputs_and_rerun_resumes(tiny_dataset, tmp_path):
   assert f'Resumed from step {steps[-1]}' in second.stderr
 
 
+@pytest.mark.slow
 def test_compilation_cache_is_reused_and_changes_no_result(tiny_dataset, tmp_path):
   cache = tmp_path / 'xla'
   env = {**os.environ, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}  # Cache every program.

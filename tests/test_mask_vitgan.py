@@ -190,7 +190,7 @@ def test_generator_fits_real_images_quickly():
   assert losses_[True] < 0.12 < losses_[False], losses_
 
 
-@pytest.mark.parametrize('share_encoder', [False, True])
+@pytest.mark.parametrize('share_encoder', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_one_gan_step_changes_both_parameter_sets_and_nothing_else(share_encoder):
   c = tiny_config(
     '',

@@ -217,6 +217,7 @@ def test_first_relus_need_the_vgg16_third_stage(tmp_path):
     train.build_model(override(config, **{'rbae.perceptual_layers': 'last'}), 10)
 
 
+@pytest.mark.slow
 def test_segmentation_gradient_reaches_the_reconstruction_unless_stopped():
   """A loss on the MSFDM logits trains the MSFDM heads; through the re-encoded reconstruction it also
   reaches the decoder and the RBAMs, unless rbae.stop_segmentation_gradient."""
@@ -287,6 +288,7 @@ def test_reference_choice():
   np.testing.assert_array_equal(rbae.choose_reference(source, 'medoid', 0)[0], images[2])  # mean 0.475
 
 
+@pytest.mark.slow
 def test_phase2_freezes_the_encoder_and_resuming_in_it_does_not_redo_phase1(
   tiny_dataset, tmp_path, monkeypatch
 ):

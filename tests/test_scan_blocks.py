@@ -129,7 +129,7 @@ def _ported_params(state, port):
     # Compiles the GAN step with its gradient penalty twice (scanned and unrolled): minutes on 2 cores.
     pytest.param(_tmirn, marks=pytest.mark.slow, id='tmirn'),
     pytest.param(_sivt, id='sivt'),
-    pytest.param(_vit_memae, id='vit_memae'),
+    pytest.param(_vit_memae, marks=pytest.mark.slow, id='vit_memae'),
     pytest.param(_mask_vitgan, id='mask_vitgan'),
     pytest.param(
       lambda: _mask_vitgan(long_skips=False), marks=pytest.mark.slow, id='mask_vitgan_no_long_skips'

@@ -136,6 +136,7 @@ def test_compute_dtype():
     models.compute_dtype('fp16')
 
 
+@pytest.mark.slow
 def test_sivt_bfloat16_keeps_fp32_state_and_scores_like_float32(tiny_dataset, tmp_path):
   """Trained in bfloat16, params and optimizer state stay float32, and scoring the test split in
   bfloat16 gives (nearly) the float32 anomaly maps and the same image ranking."""

@@ -107,6 +107,7 @@ def _zeroed_skip_changes(config, x) -> dict[int, bool]:
   return {l: not np.allclose(a, b) for l, a, b in zip(tmirn.FEATURE_LEVELS, dec_f, zeroed)}
 
 
+@pytest.mark.slow
 def test_skip_from_switch_chooses_the_decoder_level_that_receives_the_skip():
   """'deepest': the skip enters at level 5 (S/32), so every decoder level depends on it; 'lowest':
   it enters at level 3 (S/8, z_low), so level 4 (S/16), decoded before it, does not."""

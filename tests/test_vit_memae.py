@@ -223,6 +223,7 @@ def test_eq11_l2_sums_channels_and_averages_pixels():
   np.testing.assert_allclose(float(vit_memae.l2_loss(x, x_hat, 'mean')), ref / 3, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_logs_eq11_l2_of_its_reconstruction(tiny_dataset):
   from configs import vit_memae as cfg_module
 
@@ -345,7 +346,7 @@ def _btad_layout(src_root: str, dst_root: str) -> str:
   return dst_root
 
 
-@pytest.mark.parametrize('variant', ['', 'paper', 'btad'])
+@pytest.mark.parametrize('variant', ['', pytest.param('paper', marks=pytest.mark.slow), 'btad'])
 def test_config_one_step_through_harness(variant, tiny_dataset, tmp_path):
   root = _btad_layout(tiny_dataset, str(tmp_path / 'btad')) if variant == 'btad' else tiny_dataset
   config = tiny_vit_memae_config(root, variant)
