@@ -24,9 +24,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c = common.get_config()
   c.model.name = 'tmirn'
   c.dataset.image_size = 64  # Must be a multiple of 32 (five stride-2 levels).
+  # Batch 8 and peak rate 2e-3: twice the updates of batch 16 at twice the step size, in 1.5x the
+  # training time; bottle's pixel AUROC goes from 41.7 to 80.6 (docs/models/tmirn.md, rows B1-B9).
+  c.batch_size = 8
   c.num_epochs = 8
   c.optimizer.name = 'adam'
-  c.optimizer.learning_rate = 1e-3
+  c.optimizer.learning_rate = 2e-3
   c.optimizer.kwargs = ml_collections.ConfigDict({'b1': 0.5, 'b2': 0.999})
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = 'cosine'
@@ -79,7 +82,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.dtype = 'float32'
     c.dataset.image_size = 224
     c.dataset.unified = False  # One model per category.
-    # batch_size 16: not given in the paper.
+    c.batch_size = 16  # Not given in the paper.
     c.eval_batch_size = 16
     c.num_epochs = 200
     c.log_every = 50
