@@ -351,6 +351,7 @@ def short_run_metrics(embedded_dataset, workdir, seed: int = 0) -> dict:
   c.dataset.root = embedded_dataset
   c.dataset.categories = 'connector'
   c.seed = seed
+  c.batch_size = 16  # As measured in docs/models/mask_vitgan.md (row C1).
   c.num_epochs = 50
   c.num_heatmaps = 0
   c.log_every = 1000
