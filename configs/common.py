@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Image-level score: 'model' (the model's own, mostly the map's maximum) or 'max_zscore' (the map's
   # maximum after standardising each pixel by the category's training maps; for aligned images).
   c.image_score = 'model'
+  # Pixel anomaly map: 'model' (the model's own map) or 'deviation' (|map - mean| / std per pixel, from
+  # the category's training maps, as max_zscore): a region whose error is abnormally low counts as
+  # well as one abnormally high. On stochastic textures a reconstruction errs most on the texture it
+  # cannot reproduce, so a defect that removes texture has the lowest error of the image.
+  c.anomaly_map = 'model'
   # Activation/matmul dtype: 'float32', 'bfloat16' or 'auto' (bfloat16 on GPU/TPU, float32 on CPU);
   # params, optimizer state, losses and scores stay float32.
   c.dtype = 'auto'

@@ -29,6 +29,7 @@ from jaxad import metrics, provenance, writers
 
 VERSION = 1
 RULES = ('normal_quantile', 'f1_max', 'manual')
+ANOMALY_MAPS = ('model', 'deviation')
 
 
 @dataclasses.dataclass
@@ -44,17 +45,22 @@ class Calibration:
   image_threshold: float
   pixel_threshold: float
   normal_median: float  # Median raw image score of the calibration images.
-  zscore_mean: np.ndarray | None = None  # [H, W]: max_zscore statistics of the training maps.
+  zscore_mean: np.ndarray | None = None  # [H, W]: per-pixel statistics of the training maps.
   zscore_std: np.ndarray | None = None  # [H, W], floored.
   # The model's `reference` statistics, averaged over the category's training images (jaxad.models).
   reference: dict[str, np.ndarray] | None = None
   version: int = VERSION
+  anomaly_map: str = 'model'  # config.anomaly_map it was made for: 'model' or 'deviation'.
 
   def image_scores(self, maps: np.ndarray, model_scores: np.ndarray) -> np.ndarray:
-    """Raw image scores [N] under `image_score` from maps [N, H, W] and the model's own scores."""
+    """Raw image scores [N] under `image_score` from the model's maps [N, H, W] and own scores."""
     if self.image_score == 'max_zscore':
       return zscore_max(maps, self.zscore_mean, self.zscore_std)
     return np.asarray(model_scores, np.float64)
+
+  def anomaly_maps(self, maps):
+    """The pixel maps under `anomaly_map` from the model's maps [N, H, W] (numpy or jax)."""
+    return pixel_maps(maps, self.anomaly_map, self.zscore_mean, self.zscore_std)
 
   @property
   def normalising_span(self) -> float:
@@ -73,6 +79,17 @@ def zscore_stats(normal_maps: np.ndarray, std_floor: float = 0.1) -> tuple[np.nd
 def zscore_max(maps: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
   """max over pixels of (maps - mean) / std, per map."""
   return ((maps - mean) / std).reshape(len(maps), -1).max(1)
+
+
+def pixel_maps(maps, anomaly_map: str, mean=None, std=None):
+  """The pixel anomaly maps under config.anomaly_map from the model's maps [N, H, W] (numpy or jax):
+  'model' leaves them, 'deviation' gives |maps - mean| / std per pixel (zscore_stats of the training
+  maps)."""
+  if anomaly_map == 'model':
+    return maps
+  if anomaly_map == 'deviation':
+    return abs(maps - mean) / std
+  raise ValueError(f'Unknown anomaly_map {anomaly_map!r}; expected one of {ANOMALY_MAPS}.')
 
 
 def holdout_split(samples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -113,9 +130,11 @@ def choose(
   zscore: tuple[np.ndarray, np.ndarray] | None,
   labelled: dict | None = None,
   reference: dict[str, np.ndarray] | None = None,
+  anomaly_map: str = 'model',
 ) -> Calibration:
   """A category's Calibration from its calibration images' maps and raw scores.
 
+  `calib_maps` and the labelled maps are the pixel maps under `anomaly_map` (Calibration.anomaly_maps).
   `labelled`: {'raw': [N], 'labels': [N], 'maps': [N, H, W], 'masks': [N, H, W]} of the labelled
   folder (rule f1_max). `reference`: the model's fitted reference statistics, kept as they are.
   """
@@ -152,6 +171,7 @@ def choose(
     zscore_mean=mean,
     zscore_std=std,
     reference=reference,
+    anomaly_map=anomaly_map,
   )
 
 

@@ -72,16 +72,17 @@ class Detector:
     state = run.state if run.model.reference is None else models.with_reference(run.state, calib.reference)
     span = calib.normalising_span
     zscore = None
-    if calib.image_score == 'max_zscore':
+    if calib.zscore_mean is not None:
       zscore = (jnp.asarray(calib.zscore_mean, jnp.float32), jnp.asarray(calib.zscore_std, jnp.float32))
 
     def detect(images: jax.Array) -> dict:
       maps, model_scores = run.model.score(state, {'image': images}, run.frozen)
       maps = maps.astype(jnp.float32)
-      if zscore is None:
-        raw = model_scores.astype(jnp.float32)
-      else:
+      if calib.image_score == 'max_zscore':
         raw = jnp.max(((maps - zscore[0]) / zscore[1]).reshape(maps.shape[0], -1), axis=1)
+      else:
+        raw = model_scores.astype(jnp.float32)
+      maps = calibration.pixel_maps(maps, calib.anomaly_map, *(zscore or (None, None)))
       return {
         'score': raw,
         'normalised_score': (raw - calib.normal_median) / span,

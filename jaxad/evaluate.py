@@ -19,6 +19,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Fails before any training on evaluation settings that evaluation would reject."""
   if config.image_score not in IMAGE_SCORES:
     raise ValueError(f'Unknown image_score {config.image_score!r}; expected one of {IMAGE_SCORES}.')
+  if config.anomaly_map not in calibration.ANOMALY_MAPS:
+    raise ValueError(
+      f'Unknown anomaly_map {config.anomaly_map!r}; expected one of {calibration.ANOMALY_MAPS}.'
+    )
 
 
 def max_zscore(maps: np.ndarray, normal_maps: np.ndarray, std_floor: float = 0.1) -> np.ndarray:
@@ -92,14 +96,19 @@ def evaluate(
 ) -> dict:
   """Per-category metrics of a trained model; heatmaps go to <outdir>/heatmaps/<category>/.
 
-  With `config.image_score == 'max_zscore'` the image scores come from the z-score statistics of the
-  category's training maps: those stored in `calibrations[category]` (jaxad.calibration), else
-  computed from `train_by_category[category]`. The pixel maps stay the model's own. A model with
-  `reference` statistics is scored against the category's (category_state).
+  With `config.image_score == 'max_zscore'` the image scores, and with `config.anomaly_map ==
+  'deviation'` the pixel maps, come from the per-pixel statistics of the category's training maps: those
+  stored in `calibrations[category]` (jaxad.calibration), else computed from
+  `train_by_category[category]`. A model with `reference` statistics is scored against the category's
+  (category_state).
   """
   check_config(config)
-  if config.image_score == 'max_zscore' and train_by_category is None and calibrations is None:
-    raise ValueError("image_score='max_zscore' needs the training samples or the calibration.")
+  needs_stats = config.image_score == 'max_zscore' or config.anomaly_map == 'deviation'
+  if needs_stats and train_by_category is None and calibrations is None:
+    raise ValueError(
+      f'image_score={config.image_score!r} with anomaly_map={config.anomaly_map!r} needs the training '
+      'samples or the calibration.'
+    )
   score_fn = jax.jit(model.score, out_shardings=parallel.replicated(mesh))
   results = {}
   for category, samples in test_by_category.items():
@@ -107,13 +116,17 @@ def evaluate(
       config, model, state, frozen, category, mesh, train_by_category, calibrations
     )
     scored = score_samples(config, model, scoring_state, frozen, samples, mesh, score_fn)
-    if config.image_score == 'max_zscore' and calibrations is not None:
+    if needs_stats and calibrations is not None:
       scored['scores'] = calibrations[category].image_scores(scored['maps'], scored['scores'])
-    elif config.image_score == 'max_zscore':
+      scored['maps'] = calibrations[category].anomaly_maps(scored['maps'])
+    elif needs_stats:
       normal = score_samples(
         config, model, scoring_state, frozen, train_by_category[category], mesh, score_fn
       )
-      scored['scores'] = max_zscore(scored['maps'], normal['maps'])
+      stats = calibration.zscore_stats(normal['maps'])
+      if config.image_score == 'max_zscore':
+        scored['scores'] = calibration.zscore_max(scored['maps'], *stats)
+      scored['maps'] = calibration.pixel_maps(scored['maps'], config.anomaly_map, *stats)
     results[category] = metrics.compute_all(
       scored['scores'], scored['labels'], scored['maps'], scored['masks']
     )

@@ -22,6 +22,7 @@ import jaxad
 # on a rerun. A model module can add its own scoring fields as `SCORING_FIELDS` (names in its block).
 EVALUATION_FIELDS = (
   'image_score',
+  'anomaly_map',
   'num_heatmaps',
   'eval_batch_size',
   'eval_every_epochs',
@@ -82,6 +83,7 @@ ADDED_FIELDS = {
   'defects.mask': 'coverage',
   'defects.threshold': 0.5,
   'defects.clean_fraction': 0.0,
+  'anomaly_map': 'model',
 }
 
 

@@ -680,7 +680,9 @@ def calibrate(
       scoring_state = models.with_reference(state, reference)
     held = calib_by_cat.get(category) or []
     scored_train = evaluate.score_samples(config, model, scoring_state, frozen, train_samples, mesh, score_fn)
-    zscore = calibration.zscore_stats(scored_train['maps']) if config.image_score == 'max_zscore' else None
+    needs_stats = config.image_score == 'max_zscore' or config.anomaly_map == 'deviation'
+    zscore = calibration.zscore_stats(scored_train['maps']) if needs_stats else None
+    pixel_maps = lambda s: calibration.pixel_maps(s['maps'], config.anomaly_map, *(zscore or (None, None)))
     scored = (
       evaluate.score_samples(config, model, scoring_state, frozen, held, mesh, score_fn)
       if held
@@ -705,17 +707,23 @@ def calibrate(
         cfg.labelled_root, category, 'test', good_name=ds.good_name, mask_suffix=ds.mask_suffix
       )
       lab = evaluate.score_samples(config, model, scoring_state, frozen, samples, mesh, score_fn)
-      labelled = {'raw': raw_scores(lab), 'labels': lab['labels'], 'maps': lab['maps'], 'masks': lab['masks']}
+      labelled = {
+        'raw': raw_scores(lab),
+        'labels': lab['labels'],
+        'maps': pixel_maps(lab),
+        'masks': lab['masks'],
+      }
     calib = calibration.choose(
       cfg,
       category,
       config.image_score,
-      scored['maps'],
+      pixel_maps(scored),
       raw_scores(scored),
       'holdout' if held else 'train',
       zscore,
       labelled,
       reference,
+      config.anomaly_map,
     )
     if jax.process_index() == 0:
       calibration.save(run_dir, calib)
