@@ -690,9 +690,9 @@ def calibrate(
     )
 
     def raw_scores(s):
-      if zscore is None:
-        return np.asarray(s['scores'], np.float64)
-      return calibration.zscore_max(s['maps'], *zscore)
+      if config.image_score == 'max_zscore':
+        return calibration.zscore_max(s['maps'], *zscore)
+      return np.asarray(s['scores'], np.float64)
 
     labelled = None
     if 'f1_max' in (cfg.rule, cfg.pixel_rule):

@@ -148,6 +148,9 @@ def test_harness_deviation_maps_are_evaluated_calibrated_and_predicted_alike(tin
       np.quantile(normal_deviation, 0.99, method='higher'), rel=1e-5
     )
     np.testing.assert_array_equal(pred.masks, pred.maps >= calib.pixel_threshold)
+    # The image threshold is on the model's own scores, as the image scores are.
+    assert calib.image_threshold == pytest.approx(np.quantile(normal['scores'], 0.95, method='higher'))
+    np.testing.assert_allclose(pred.scores, test['scores'], rtol=1e-5)
 
 
 def test_unknown_anomaly_map_fails_before_training(tiny_dataset, tmp_path):
