@@ -81,6 +81,12 @@ def zscore_max(maps: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarra
   return ((maps - mean) / std).reshape(len(maps), -1).max(1)
 
 
+def uses_pixel_statistics(config: ml_collections.ConfigDict) -> bool:
+  """Whether scoring needs the per-pixel statistics of the training maps (zscore_stats): for
+  image_score='max_zscore' or anomaly_map='deviation'."""
+  return config.image_score == 'max_zscore' or config.anomaly_map == 'deviation'
+
+
 def pixel_maps(maps, anomaly_map: str, mean=None, std=None):
   """The pixel anomaly maps under config.anomaly_map from the model's maps [N, H, W] (numpy or jax):
   'model' leaves them, 'deviation' gives |maps - mean| / std per pixel (zscore_stats of the training

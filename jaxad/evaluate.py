@@ -103,7 +103,7 @@ def evaluate(
   (category_state).
   """
   check_config(config)
-  needs_stats = config.image_score == 'max_zscore' or config.anomaly_map == 'deviation'
+  needs_stats = calibration.uses_pixel_statistics(config)
   if needs_stats and train_by_category is None and calibrations is None:
     raise ValueError(
       f'image_score={config.image_score!r} with anomaly_map={config.anomaly_map!r} needs the training '

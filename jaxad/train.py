@@ -680,8 +680,9 @@ def calibrate(
       scoring_state = models.with_reference(state, reference)
     held = calib_by_cat.get(category) or []
     scored_train = evaluate.score_samples(config, model, scoring_state, frozen, train_samples, mesh, score_fn)
-    needs_stats = config.image_score == 'max_zscore' or config.anomaly_map == 'deviation'
-    zscore = calibration.zscore_stats(scored_train['maps']) if needs_stats else None
+    zscore = (
+      calibration.zscore_stats(scored_train['maps']) if calibration.uses_pixel_statistics(config) else None
+    )
     pixel_maps = lambda s: calibration.pixel_maps(s['maps'], config.anomaly_map, *(zscore or (None, None)))
     scored = (
       evaluate.score_samples(config, model, scoring_state, frozen, held, mesh, score_fn)
