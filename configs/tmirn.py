@@ -49,6 +49,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # True: each ViT module's PVT blocks as one nn.scan over stacked params (compiled once per module;
   # nothing to gain at vit_depth 1). Changes the parameter layout of checkpoints.
   c.tmirn.scan_blocks = False
+  # True: each encoder layer that several scales run at one shape (level 3: large and medium; levels 4,
+  # 5: all three) as one nn.scan over the scales' stacked params, compiled once instead of once per
+  # scale. Changes the parameter layout of checkpoints.
+  c.tmirn.scan_scales = False
   # Where Eq. 5's learned E_pos is added: 'module_input' (once, to each ViT module's input) or
   # 'every_block' (the module's E_pos added to every PVT block's input, Eq. 5 for each layer l).
   c.tmirn.pos_embed = 'module_input'
@@ -99,6 +103,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c.tmirn.vit_depth = 2
     c.tmirn.disc_vit_depth = 2
     c.tmirn.scan_blocks = True  # The train step compiles in ~0.6x the CPU time (docs/performance.md).
+    c.tmirn.scan_scales = True  # Fewer distinct layers to compile (docs/performance.md).
     c.tmirn.pool_tokens = 7  # K, V pooled to 7x7 (PVTv2-li).
     c.tmirn.latent_dim = 256  # Not given in the paper.
     c.tmirn.pos_embed = 'every_block'

@@ -23,6 +23,8 @@ from jaxad.data import pipeline
 
 OUTPUTS = ('anomalous', 'map', 'mask', 'normalised_score', 'score')  # Sorted keys: the flattened order.
 TOLERANCE = 1e-4
+# Model config switches that run layers as nn.scan, which jax2onnx cannot convert with a symbolic batch.
+SCAN_SWITCHES = ('scan_blocks', 'scan_scales')
 
 
 class ParityError(AssertionError):
@@ -65,12 +67,13 @@ def export_onnx(detector, category: str, path: str):
   import onnxruntime
 
   name = detector.config.model.name
-  if detector.config[name].get('scan_blocks', False):
-    raise RuntimeError(
-      f'jax2onnx cannot convert scanned blocks (nn.scan) with a symbolic batch, and this run was trained '
-      f'with {name}.scan_blocks=True: export it with --format=stablehlo, or train it with '
-      f'--config.{name}.scan_blocks=False for ONNX.'
-    )
+  for switch in SCAN_SWITCHES:
+    if detector.config[name].get(switch, False):
+      raise RuntimeError(
+        f'jax2onnx cannot convert scanned layers (nn.scan) with a symbolic batch, and this run was '
+        f'trained with {name}.{switch}=True: export it with --format=stablehlo, or train it with '
+        f'--config.{name}.{switch}=False for ONNX.'
+      )
   try:
     model = to_onnx(uint8_function(detector, category), [_spec(detector)])
   except Exception as e:  # The converter raises many types for primitives it does not handle.

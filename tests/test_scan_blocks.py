@@ -1,5 +1,6 @@
-"""`<model>.scan_blocks`: scanned and unrolled blocks give the same losses, updates and scores on a fixed
-batch when the scanned model gets the unrolled weights (layers.stack_block_params)."""
+"""`<model>.scan_blocks` and `tmirn.scan_scales`: scanned and unrolled layers give the same losses,
+updates and scores on a fixed batch when the scanned model gets the unrolled weights
+(layers.stack_block_params, tmirn.stack_scale_params)."""
 
 import json
 
@@ -14,7 +15,7 @@ from configs import sivt as sivt_config
 from configs import tmirn as tmirn_config
 from configs import vit_memae as vit_memae_config
 from jaxad import provenance, train
-from jaxad.models import layers, mask_vitgan
+from jaxad.models import layers, mask_vitgan, tmirn
 
 
 def _stacking(*names):
@@ -45,6 +46,13 @@ def _tmirn():
       'tmirn.ssim_filter_size': 3,
     },
   ), _stacking('block')
+
+
+def _tmirn_scales():
+  """`tmirn.scan_scales` (with the PVT blocks scanned on both sides): the encoders' shared levels."""
+  config, _ = _tmirn()
+  config.tmirn.scan_blocks = True
+  return config, tmirn.stack_scale_params
 
 
 def _sivt():
@@ -114,7 +122,7 @@ def _to_scanned(unrolled, scanned, port):
     assert jax.tree.structure(params) == jax.tree.structure(ts.params)
     new = ts.replace(params=params, opt_state=ts.tx.init(params))
     if hasattr(src, 'batch_stats'):
-      new = new.replace(batch_stats=src.batch_stats)
+      new = new.replace(batch_stats=port(src.batch_stats))
     out[key] = new
   return out if isinstance(scanned, dict) else out['']
 
@@ -124,25 +132,29 @@ def _ported_params(state, port):
 
 
 @pytest.mark.parametrize(
-  'make_config',
+  'make_config, switch',
   [
     # Compiles the GAN step with its gradient penalty twice (scanned and unrolled): minutes on 2 cores.
-    pytest.param(_tmirn, marks=pytest.mark.slow, id='tmirn'),
-    pytest.param(_sivt, id='sivt'),
-    pytest.param(_vit_memae, marks=pytest.mark.slow, id='vit_memae'),
-    pytest.param(_mask_vitgan, id='mask_vitgan'),
+    pytest.param(_tmirn, 'scan_blocks', marks=pytest.mark.slow, id='tmirn'),
+    pytest.param(_tmirn_scales, 'scan_scales', marks=pytest.mark.slow, id='tmirn_scales'),
+    pytest.param(_sivt, 'scan_blocks', id='sivt'),
+    pytest.param(_vit_memae, 'scan_blocks', marks=pytest.mark.slow, id='vit_memae'),
+    pytest.param(_mask_vitgan, 'scan_blocks', id='mask_vitgan'),
     pytest.param(
-      lambda: _mask_vitgan(long_skips=False), marks=pytest.mark.slow, id='mask_vitgan_no_long_skips'
+      lambda: _mask_vitgan(long_skips=False),
+      'scan_blocks',
+      marks=pytest.mark.slow,
+      id='mask_vitgan_no_long_skips',
     ),
   ],
 )
-def test_scanned_blocks_equal_unrolled(make_config):
+def test_scanned_blocks_equal_unrolled(make_config, switch):
   config, port = make_config()
   rng = np.random.default_rng(0)
   models = {}
   for scan in (False, True):
     c, _ = make_config()
-    c[c.model.name].scan_blocks = scan
+    c[c.model.name][switch] = scan
     models[scan] = train.build_model(c, total_steps=10)
   model = models[False]
   size, channels = config.dataset.image_size, config.dataset.channels

@@ -2,6 +2,7 @@
 references, the gradient penalty, the score parts, one GAN step, NaN handling, and learning."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -144,6 +145,46 @@ def test_pos_embed_every_block_adds_the_modules_embedding_to_each_block_input():
     stacked = layers.stack_block_params(params, 'block')
     np.testing.assert_allclose(np.asarray(scanned.apply({'params': stacked}, x)), outs[pos_embed], atol=1e-5)
   assert not np.allclose(outs['module_input'], outs['every_block'])
+
+
+def test_scan_scales_gives_each_scale_its_own_layers_with_the_per_scale_results():
+  """`scan_scales`: levels 3 (large, medium) and 4, 5 (all three scales) run as one scan over stacked
+  per-scale weights. With the per-scale weights ported (`stack_scale_params`), the encoder gives the
+  per-scale encoder's features, BatchNorm statistics and input gradients (the gradient penalty's)."""
+  scales = tmirn.multiscale(jax.random.uniform(jax.random.key(0), (2, 64, 64, 3)))
+  kw = dict(base_width=4, vit_depth=1, head_dim=4, pool_tokens=2)
+  per_scale = tmirn.Encoder(**kw)
+  scanned = tmirn.Encoder(**kw, scan_scales=True)
+  shapes = lambda model: jax.eval_shape(lambda s: model.init(jax.random.key(1), s, train=False), scales)
+  rng = np.random.default_rng(0)  # Random weights without compiling the initialisers (slow on the CPU).
+  variables = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype), shapes(per_scale))
+  ported = {k: tmirn.stack_scale_params(v) for k, v in variables.items()}
+  assert jax.tree.structure(ported) == jax.tree.structure(shapes(scanned))
+  params = ported['params']
+  assert sorted(params['mtfe_large']) == ['res_1', 'res_2', 'vit_1', 'vit_2']
+  assert sorted(params['mtfe_medium']) == ['res_2', 'vit_2'] and sorted(params['mtfe_small']) == [
+    'res_3',
+    'vit_3',
+  ]
+  for level, members in ((3, 2), (4, 3), (5, 3)):
+    kernel = params[f'level_{level}'][f'res_{level}']['conv1']['kernel']
+    assert kernel.shape[0] == members
+    assert not np.allclose(kernel[0], kernel[1])  # Each scale its own weights.
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(model, v, xs):
+    (large, fused), updates = model.apply(v, xs, train=True, mutable=['batch_stats'])
+    return large, fused, updates
+
+  large0, fused0, upd0 = run(per_scale, variables, scales)
+  large1, fused1, upd1 = run(scanned, ported, scales)
+  close = lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
+  jax.tree.map(close, (large0, fused0, tmirn.stack_scale_params(upd0)), (large1, fused1, upd1))
+  grad = lambda model, v: jax.jit(jax.grad(lambda xs: jnp.sum(run(model, v, xs)[1][2] ** 2)))(scales)
+  jax.tree.map(close, grad(per_scale, variables), grad(scanned, ported))
+  assert (
+    tmirn_config.get_config('paper').tmirn.scan_scales and not tmirn_config.get_config().tmirn.scan_scales
+  )
 
 
 # --------------------------------------------------------------------------- ECA, pooled attention

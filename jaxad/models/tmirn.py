@@ -56,12 +56,14 @@ from jaxad.models import AnomalyModel, ModelContext, layers
 SCORING_FIELDS = ('scale_weights', 'score_parts', 'smooth_kernels', 'image_smoothing_sigma')
 # Config fields that change the parameter layout, with the value a record without them implies: a run
 # is only resumed or loaded with the layout its checkpoints have (jaxad.provenance).
-LAYOUT_FIELDS = {'scan_blocks': False, 'skip_from': 'deepest'}
+LAYOUT_FIELDS = {'scan_blocks': False, 'skip_from': 'deepest', 'scan_scales': False}
 # Config fields added after runs were recorded, with the value a record without them implies
 # (jaxad.provenance.implied_fields).
 ADDED_FIELDS = {'pos_embed': 'module_input', 'adversarial_loss': 'mse'}
 
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
+SCALES = ('large', 'medium', 'small')  # Scale i (S / 2^i) starts at encoder level i + 1.
+SCANNED_FROM = 3  # The first level that two scales continue from the level above (Encoder.scan_scales).
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
 LEAKY_SLOPE = 0.2
 
@@ -224,6 +226,13 @@ class Arch(nn.Module):
   dtype: jnp.dtype = jnp.float32
   scan_blocks: bool = False  # ViTModule.scan_blocks.
   pos_embed: str = 'module_input'  # ViTModule.pos_embed.
+  scan_scales: bool = False  # Encoder.scan_scales.
+
+  def arch_kwargs(self) -> dict:
+    """The shared hyper-parameters, to build a part with the same ones."""
+    fields = ('base_width', 'vit_depth', 'head_dim', 'pool_tokens', 'mlp_ratio', 'dtype')
+    fields += ('scan_blocks', 'pos_embed', 'scan_scales')
+    return {f: getattr(self, f) for f in fields}
 
   def width(self, level: int) -> int:
     """Channels at encoder level `level` (1: S/2 ... 5: S/32)."""
@@ -242,23 +251,37 @@ class Arch(nn.Module):
     )
 
 
+def mtfe_level(arch: Arch, level: int, x: jax.Array, train: bool) -> jax.Array:
+  """One MTFE layer inside `arch`'s compact call: residual block (Eq. 1), then the ViT module (Eq. 2-7)."""
+  x = ResidualBlock(arch.width(level), arch.dtype, name=f'res_{level}')(x, train)
+  return arch.vit(f'vit_{level}')(x) if arch.vit_depth else x
+
+
 class MTFE(Arch):
-  """One scale's feature extractor (Eq. 1-8): image at S/2^(first-1) -> features at every level below.
+  """One scale's feature extractor (Eq. 1-8): image at S/2^(first-1) -> features at levels first ... last.
 
   Returns {level: map}; level l has size S / 2^l and `width(l)` channels.
   """
 
   first_level: int = 1
+  last_level: int = NUM_LEVELS
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[int, jax.Array]:
     feats = {}
-    for level in range(self.first_level, NUM_LEVELS + 1):
-      x = ResidualBlock(self.width(level), self.dtype, name=f'res_{level}')(x, train)
-      if self.vit_depth:
-        x = self.vit(f'vit_{level}')(x)
-      feats[level] = x
+    for level in range(self.first_level, self.last_level + 1):
+      x = feats[level] = mtfe_level(self, level, x, train)
     return feats
+
+
+class MTFELevel(Arch):
+  """One MTFE layer as a module: the body `Encoder.scan_scales` scans over the scales."""
+
+  level: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    return mtfe_level(self, self.level, x, train)
 
 
 class MAFF(Arch):
@@ -288,28 +311,63 @@ class MAFF(Arch):
 
 
 class Encoder(Arch):
-  """Multi-scale encoder = MTFE per scale + MAFF. Returns (large-scale features, (z_low, z_mid, z_high))."""
+  """Multi-scale encoder = MTFE per scale + MAFF. Returns (large-scale features, (z_low, z_mid, z_high)).
+
+  `scan_scales`: from level 3 on, the scales that continue from the level above have inputs of one
+  shape (large and medium at level 3, all three at levels 4 and 5). Their layers run as one `nn.scan`
+  over the scales, with parameters and BatchNorm statistics stacked in scale order under `level_<l>`,
+  so XLA compiles each of these layers once instead of once per scale; each scale keeps its own
+  weights (`stack_scale_params` maps the per-scale layout onto this one).
+  """
 
   use_maff: bool = True
 
   @nn.compact
   def __call__(self, scales, train: bool):
-    kw = dict(
-      base_width=self.base_width,
-      vit_depth=self.vit_depth,
-      head_dim=self.head_dim,
-      pool_tokens=self.pool_tokens,
-      mlp_ratio=self.mlp_ratio,
-      dtype=self.dtype,
-      scan_blocks=self.scan_blocks,
-      pos_embed=self.pos_embed,
-    )
+    kw = self.arch_kwargs()
+    scales = [x.astype(self.dtype) for x in scales]
+    # Scale i starts at level i + 1; with scan_scales it runs alone up to level 2 only.
+    last = lambda i: max(i + 1, SCANNED_FROM - 1) if self.scan_scales else NUM_LEVELS
     per_scale = [
-      MTFE(**kw, first_level=i + 1, name=f'mtfe_{n}')(x.astype(self.dtype), train)
-      for i, (n, x) in enumerate(zip(('large', 'medium', 'small'), scales))
+      MTFE(**kw, first_level=i + 1, last_level=last(i), name=f'mtfe_{n}')(x, train)
+      for i, (n, x) in enumerate(zip(SCALES, scales))
     ]
+    for level in range(SCANNED_FROM, NUM_LEVELS + 1) if self.scan_scales else ():
+      members = [i for i in range(len(SCALES)) if i + 1 < level]
+      body = nn.scan(
+        lambda layer, carry, x: (carry, layer(x, train)),
+        variable_axes={'params': 0, 'batch_stats': 0},
+        split_rngs={'params': True},
+        length=len(members),
+      )
+      inputs = jnp.stack([per_scale[i][level - 1] for i in members])
+      _, outputs = body(MTFELevel(**kw, level=level, name=f'level_{level}'), None, inputs)
+      for i, y in zip(members, outputs):
+        per_scale[i][level] = y
     fused = MAFF(**kw, use_maff=self.use_maff, name='maff')(per_scale, train)
     return per_scale[0], fused
+
+
+def stack_scale_params(tree: dict) -> dict:
+  """A per-scale encoder tree (params or batch_stats; `mtfe_<scale>` holding every level) in the
+  `scan_scales` layout: levels from SCANNED_FROM on moved to `level_<l>`, stacked in scale order."""
+  if not isinstance(tree, dict):
+    return tree
+  if 'mtfe_large' not in tree:
+    return {k: stack_scale_params(v) for k, v in tree.items()}
+  out = {k: v for k, v in tree.items() if not k.startswith('mtfe_')}
+  for i, name in enumerate(SCALES):
+    out[f'mtfe_{name}'] = {
+      k: v for k, v in tree[f'mtfe_{name}'].items() if int(k.rsplit('_', 1)[1]) < max(i + 2, SCANNED_FROM)
+    }
+  for level in range(SCANNED_FROM, NUM_LEVELS + 1):
+    members = [f'mtfe_{SCALES[i]}' for i in range(len(SCALES)) if i + 1 < level]
+    out[f'level_{level}'] = {
+      part: jax.tree.map(lambda *leaves: jnp.stack(leaves), *(tree[m][part] for m in members))
+      for part in (f'res_{level}', f'vit_{level}')
+      if part in tree[members[0]]
+    }
+  return out
 
 
 class Bottleneck(nn.Module):
@@ -401,16 +459,7 @@ class Generator(Arch):
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool):
-    kw = dict(
-      base_width=self.base_width,
-      vit_depth=self.vit_depth,
-      head_dim=self.head_dim,
-      pool_tokens=self.pool_tokens,
-      mlp_ratio=self.mlp_ratio,
-      dtype=self.dtype,
-      scan_blocks=self.scan_blocks,
-      pos_embed=self.pos_embed,
-    )
+    kw = self.arch_kwargs()
     large, fused = Encoder(**kw, use_maff=self.use_maff, name='encoder')(multiscale(images), train)
     z_high = fused[2]
     x = Bottleneck(self.latent_dim, self.dtype, name='bottleneck')(z_high, train)
@@ -432,16 +481,7 @@ class Discriminator(Arch):
 
   @nn.compact
   def __call__(self, scales, train: bool) -> jax.Array:
-    kw = dict(
-      base_width=self.base_width,
-      vit_depth=self.vit_depth,
-      head_dim=self.head_dim,
-      pool_tokens=self.pool_tokens,
-      mlp_ratio=self.mlp_ratio,
-      dtype=self.dtype,
-      scan_blocks=self.scan_blocks,
-      pos_embed=self.pos_embed,
-    )
+    kw = self.arch_kwargs()
     _, (_, _, z_high) = Encoder(**kw, use_maff=self.use_maff, name='encoder')(scales, train)
     pooled = jnp.mean(z_high.astype(jnp.float32), axis=(1, 2))
     return nn.Dense(1, name='head')(pooled)[:, 0]
@@ -540,6 +580,7 @@ def networks(cfg: ml_collections.ConfigDict, ctx: ModelContext) -> tuple[Generat
     use_maff=cfg.use_maff,
     scan_blocks=cfg.scan_blocks,
     pos_embed=pos_embed,
+    scan_scales=cfg.scan_scales,
   )
   gen = Generator(
     base_width=cfg.base_width,
