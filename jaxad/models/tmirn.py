@@ -64,6 +64,17 @@ ADDED_FIELDS = {'pos_embed': 'module_input', 'adversarial_loss': 'mse'}
 NUM_LEVELS = 5  # Encoder levels of the large scale: S/2 ... S/32.
 SCALES = ('large', 'medium', 'small')  # Scale i (S / 2^i) starts at encoder level i + 1.
 SCANNED_FROM = 3  # The first level that two scales continue from the level above (Encoder.scan_scales).
+ARCH_FIELDS = (  # Arch's hyper-parameters, shared by every part of G and of D.
+  'base_width',
+  'vit_depth',
+  'head_dim',
+  'pool_tokens',
+  'mlp_ratio',
+  'dtype',
+  'scan_blocks',
+  'pos_embed',
+  'scan_scales',
+)
 FEATURE_LEVELS = (2, 3, 4)  # Levels of S_f and L_f: 64x56x56, 128x28x28, 256x14x14 at S = 224.
 LEAKY_SLOPE = 0.2
 
@@ -230,9 +241,7 @@ class Arch(nn.Module):
 
   def arch_kwargs(self) -> dict:
     """The shared hyper-parameters, to build a part with the same ones."""
-    fields = ('base_width', 'vit_depth', 'head_dim', 'pool_tokens', 'mlp_ratio', 'dtype')
-    fields += ('scan_blocks', 'pos_embed', 'scan_scales')
-    return {f: getattr(self, f) for f in fields}
+    return {f: getattr(self, f) for f in ARCH_FIELDS}
 
   def width(self, level: int) -> int:
     """Channels at encoder level `level` (1: S/2 ... 5: S/32)."""
@@ -326,14 +335,13 @@ class Encoder(Arch):
   def __call__(self, scales, train: bool):
     kw = self.arch_kwargs()
     scales = [x.astype(self.dtype) for x in scales]
-    # Scale i starts at level i + 1; with scan_scales it runs alone up to level 2 only.
-    last = lambda i: max(i + 1, SCANNED_FROM - 1) if self.scan_scales else NUM_LEVELS
+    last = lambda i: last_own_level(i) if self.scan_scales else NUM_LEVELS
     per_scale = [
       MTFE(**kw, first_level=i + 1, last_level=last(i), name=f'mtfe_{n}')(x, train)
       for i, (n, x) in enumerate(zip(SCALES, scales))
     ]
     for level in range(SCANNED_FROM, NUM_LEVELS + 1) if self.scan_scales else ():
-      members = [i for i in range(len(SCALES)) if i + 1 < level]
+      members = scanned_scales(level)
       body = nn.scan(
         lambda layer, carry, x: (carry, layer(x, train)),
         variable_axes={'params': 0, 'batch_stats': 0},
@@ -348,6 +356,16 @@ class Encoder(Arch):
     return per_scale[0], fused
 
 
+def last_own_level(scale: int) -> int:
+  """With scan_scales, the last level scale `scale` (0: large) runs alone: it starts at level scale + 1."""
+  return max(scale + 1, SCANNED_FROM - 1)
+
+
+def scanned_scales(level: int) -> list[int]:
+  """With scan_scales, the scales whose layer `level` (>= SCANNED_FROM) runs in one scan, in order."""
+  return [i for i in range(len(SCALES)) if i + 1 < level]
+
+
 def stack_scale_params(tree: dict) -> dict:
   """A per-scale encoder tree (params or batch_stats; `mtfe_<scale>` holding every level) in the
   `scan_scales` layout: levels from SCANNED_FROM on moved to `level_<l>`, stacked in scale order."""
@@ -357,11 +375,10 @@ def stack_scale_params(tree: dict) -> dict:
     return {k: stack_scale_params(v) for k, v in tree.items()}
   out = {k: v for k, v in tree.items() if not k.startswith('mtfe_')}
   for i, name in enumerate(SCALES):
-    out[f'mtfe_{name}'] = {
-      k: v for k, v in tree[f'mtfe_{name}'].items() if int(k.rsplit('_', 1)[1]) < max(i + 2, SCANNED_FROM)
-    }
+    own = tree[f'mtfe_{name}']
+    out[f'mtfe_{name}'] = {k: v for k, v in own.items() if int(k.rsplit('_', 1)[1]) <= last_own_level(i)}
   for level in range(SCANNED_FROM, NUM_LEVELS + 1):
-    members = [f'mtfe_{SCALES[i]}' for i in range(len(SCALES)) if i + 1 < level]
+    members = [f'mtfe_{SCALES[i]}' for i in scanned_scales(level)]
     out[f'level_{level}'] = {
       part: jax.tree.map(lambda *leaves: jnp.stack(leaves), *(tree[m][part] for m in members))
       for part in (f'res_{level}', f'vit_{level}')
