@@ -162,14 +162,13 @@ def test_scan_scales_gives_each_scale_its_own_layers_with_the_per_scale_results(
   assert jax.tree.structure(ported) == jax.tree.structure(shapes(scanned))
   params = ported['params']
   assert sorted(params['mtfe_large']) == ['res_1', 'res_2', 'vit_1', 'vit_2']
-  assert sorted(params['mtfe_medium']) == ['res_2', 'vit_2'] and sorted(params['mtfe_small']) == [
-    'res_3',
-    'vit_3',
-  ]
-  for level, members in ((3, 2), (4, 3), (5, 3)):
-    kernel = params[f'level_{level}'][f'res_{level}']['conv1']['kernel']
-    assert kernel.shape[0] == members
-    assert not np.allclose(kernel[0], kernel[1])  # Each scale its own weights.
+  assert sorted(params['mtfe_medium']) == ['res_2', 'vit_2']
+  assert sorted(params['mtfe_small']) == ['res_3', 'vit_3']
+  for level, members in ((3, ('large', 'medium')), (4, tmirn.SCALES), (5, tmirn.SCALES)):
+    stacked = params[f'level_{level}'][f'res_{level}']['conv1']['kernel']
+    for i, name in enumerate(members):  # Each scale keeps its own weights, in scale order.
+      own = variables['params'][f'mtfe_{name}'][f'res_{level}']['conv1']['kernel']
+      np.testing.assert_array_equal(stacked[i], own)
 
   @functools.partial(jax.jit, static_argnums=0)
   def run(model, v, xs):
