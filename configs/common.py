@@ -108,7 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.defects = ml_collections.ConfigDict()
   c.defects.enabled = False  # Add the two keys to every training example.
   c.defects.fill = 'procedural'  # Fill: 'procedural' textures, 'train' (augmented training images), 'folder'.
-  c.defects.fill_root = ''  # Image folder for fill='folder' (searched recursively; DRAEM uses DTD).
+  # Image folder for fill='folder' (searched recursively; DRAEM uses DTD). Photographs localise better
+  # than procedural fills (docs/models/rbae.md, R8), but no folder ships with jaxad.
+  c.defects.fill_root = ''
   # How the Perlin noise becomes I_m: 'coverage' thresholds it at the quantile that leaves a fraction
   # U(coverage) of the pixels on; 'threshold' at the fixed `threshold` (DRAEM), the area then varies.
   c.defects.mask = 'coverage'
