@@ -340,16 +340,15 @@ class Encoder(Arch):
       MTFE(**kw, first_level=i + 1, last_level=last(i), name=f'mtfe_{n}')(x, train)
       for i, (n, x) in enumerate(zip(SCALES, scales))
     ]
+    across_scales = nn.scan(  # The scan's length is the stacked inputs' leading axis.
+      lambda layer, carry, x: (carry, layer(x, train)),
+      variable_axes={'params': 0, 'batch_stats': 0},
+      split_rngs={'params': True},
+    )
     for level in range(SCANNED_FROM, NUM_LEVELS + 1) if self.scan_scales else ():
       members = scanned_scales(level)
-      body = nn.scan(
-        lambda layer, carry, x: (carry, layer(x, train)),
-        variable_axes={'params': 0, 'batch_stats': 0},
-        split_rngs={'params': True},
-        length=len(members),
-      )
       inputs = jnp.stack([per_scale[i][level - 1] for i in members])
-      _, outputs = body(MTFELevel(**kw, level=level, name=f'level_{level}'), None, inputs)
+      _, outputs = across_scales(MTFELevel(**kw, level=level, name=f'level_{level}'), None, inputs)
       for i, y in zip(members, outputs):
         per_scale[i][level] = y
     fused = MAFF(**kw, use_maff=self.use_maff, name='maff')(per_scale, train)
