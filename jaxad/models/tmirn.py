@@ -367,10 +367,11 @@ def scanned_scales(level: int) -> list[int]:
 
 def stack_scale_params(tree: dict) -> dict:
   """A per-scale encoder tree (params or batch_stats; `mtfe_<scale>` holding every level) in the
-  `scan_scales` layout: levels from SCANNED_FROM on moved to `level_<l>`, stacked in scale order."""
+  `scan_scales` layout: levels from SCANNED_FROM on moved to `level_<l>`, stacked in scale order. A
+  tree already in that layout comes back unchanged."""
   if not isinstance(tree, dict):
     return tree
-  if 'mtfe_large' not in tree:
+  if f'res_{NUM_LEVELS}' not in tree.get('mtfe_large', {}):  # Not a per-scale encoder.
     return {k: stack_scale_params(v) for k, v in tree.items()}
   out = {k: v for k, v in tree.items() if not k.startswith('mtfe_')}
   for i, name in enumerate(SCALES):
