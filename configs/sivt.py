@@ -14,8 +14,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   variant, _ = common.parse_arg(arg, 'sivt', variants=('paper',))
   c = common.get_config()
   c.model.name = 'sivt'
-  # Epochs: with N = 2 subsets and one encoder block a step costs about a quarter of the encoder work
-  # of N = 4 and four blocks, so 120 epochs take the time 30 took then (docs/models/sivt.md, rows E1-E22).
+  # Epochs: with N = 2 subsets and one encoder block an image passes 2 + 2 Transformer blocks per step
+  # (encoder + decoder) against 16 + 2 at N = 4 and four blocks, so 120 epochs take about the time 30
+  # took then (docs/models/sivt.md, rows E1-E22).
   c.num_epochs = 120
   c.optimizer.learning_rate = 1e-3
   c.optimizer.warmup_steps = 20
