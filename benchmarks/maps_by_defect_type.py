@@ -60,9 +60,8 @@ def main(argv):
   }
   types = np.array([s.defect_type for s in tests])
   good = types == 'good'
-  print(
-    f'{"test images":24s} {"defect pixels":>14s} ' + ' '.join(f'{v:>10s}' for v in variants) + '      image'
-  )
+  columns = [*variants, 'image']
+  print(f'{"test images":24s} {"defect pixels":>14s} ' + ' '.join(f'{c:>10s}' for c in columns))
   rows = [('all', np.ones(len(tests), bool))] + [(t, good | (types == t)) for t in sorted(set(types[~good]))]
   for name, sel in rows:
     share = masks[sel].sum() / masks.sum()
