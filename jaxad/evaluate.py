@@ -1,5 +1,6 @@
 """Scores test splits and writes metrics.json, results.md and heatmap PNGs."""
 
+import copy
 import os
 
 import jax
@@ -8,11 +9,24 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxad import calibration, metrics, models, parallel, writers
+from jaxad import calibration, metrics, models, parallel, provenance, writers
 from jaxad.data import pipeline
 
 METRIC_NAMES = ('image_auroc', 'image_ap', 'pixel_auroc', 'pixel_ap', 'aupro', 'f1_max')
 IMAGE_SCORES = ('model', 'max_zscore')
+# What `python -m jaxad.evaluate` may change of a trained run's config: which test data it reads and
+# how many heatmaps it draws. The model, its scoring and its calibration are the run's own.
+EVALUATE_OVERRIDES = (
+  'dataset.name',
+  'dataset.root',
+  'dataset.categories',
+  'dataset.tfds_dir',
+  'dataset.good_name',
+  'dataset.mask_suffix',
+  'dataset.num_workers',
+  'dataset.prefetch',
+  'num_heatmaps',
+)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -22,6 +36,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.anomaly_map not in calibration.ANOMALY_MAPS:
     raise ValueError(
       f'Unknown anomaly_map {config.anomaly_map!r}; expected one of {calibration.ANOMALY_MAPS}.'
+    )
+
+
+def check_overrides(recorded: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+  """Refuses overrides of a trained run's config other than `EVALUATE_OVERRIDES`, which a loaded
+  detector would otherwise ignore without a word."""
+  old, new = provenance.flat_config(recorded), provenance.flat_config(config)
+  refused = sorted(k for k in new if k not in EVALUATE_OVERRIDES and new[k] != old.get(k))
+  if refused:
+    lines = '\n'.join(f'  {k}: {old.get(k)!r} -> {new[k]!r}' for k in refused)
+    raise ValueError(
+      "jaxad.evaluate scores with the trained run's own model, scoring and calibration; it can only "
+      f'change {", ".join(EVALUATE_OVERRIDES)}. Refused:\n{lines}\nTo rescore the run with other '
+      'scoring fields, rerun its `python -m jaxad.main` command with the new values (evaluation '
+      "only; it rewrites the run's metrics, so copy the workdir first to keep them)."
     )
 
 
@@ -274,11 +303,17 @@ def _cli():
   flags.DEFINE_string('workdir', None, 'A finished run of python -m jaxad.main.')
   flags.DEFINE_string('output', None, 'Where to write (default <workdir>/evaluations/<dataset root name>).')
   recorded = calibration.load_config_record(workdir)
-  config_flag = config_flags.DEFINE_config_dict('config', recorded, 'The run config; override the data.')
+  config_flag = config_flags.DEFINE_config_dict(
+    'config', copy.deepcopy(recorded), 'The run config; override the data.'
+  )
 
   def main(argv):
     del argv
     config = config_flag.value
+    try:
+      check_overrides(recorded, config)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from e
     name = os.path.basename(os.path.normpath(config.dataset.root)) or config.dataset.name
     output = flags.FLAGS.output or os.path.join(workdir, 'evaluations', name)
     if os.path.abspath(output) == os.path.abspath(workdir):

@@ -143,3 +143,18 @@ def test_evaluate_cli_scores_another_test_set_without_touching_the_run(tiny_data
     assert written['categories'][category]['pixel_auroc'] == pytest.approx(values['pixel_auroc'], abs=1e-6)
     assert 0.0 <= written['categories'][category]['accuracy_at_threshold'] <= 1.0
   assert list((out / 'heatmaps').iterdir())
+
+
+def test_evaluate_cli_refuses_an_override_it_would_ignore(tiny_dataset, tmp_path):
+  run = tmp_path / 'run'
+  train.train_and_evaluate(_mean_image(tiny_dataset), str(run))
+  done = subprocess.run(
+    [sys.executable, '-m', 'jaxad.evaluate', f'--workdir={run}', '--config.anomaly_map=deviation'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode != 0
+  assert "anomaly_map: 'model' -> 'deviation'" in done.stderr
+  assert not (run / 'evaluations').exists()
