@@ -6,7 +6,6 @@ do not beat chance. Measured values and the RBAM ablation: docs/models/rbae.md."
 
 import dataclasses
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import pytest
 from conftest import override, tiny_folder_config
 from scipy import ndimage
 
+from benchmarks.draem_reference import draem_perlin
 from configs import rbae as rbae_config
 from jaxad import models, parallel, train
 from jaxad.data import defects, folder, pipeline
@@ -99,23 +99,6 @@ def test_perlin_masks_are_binary_seeded_and_cover_the_configured_fraction():
   assert np.std(fracs) > 0.03  # coverage ~ U(0.1, 0.3), not one fixed value
 
 
-def _draem_perlin(shape, res, rng):
-  """DRAEM's rand_perlin_2d_np (github.com/VitjanZ/DRAEM, perlin.py), its np.random draws from `rng`."""
-  lerp = lambda x, y, w: (y - x) * w + x
-  fade = lambda t: 6 * t**5 - 15 * t**4 + 10 * t**3
-  delta = (res[0] / shape[0], res[1] / shape[1])
-  d = (shape[0] // res[0], shape[1] // res[1])
-  grid = np.mgrid[0 : res[0] : delta[0], 0 : res[1] : delta[1]].transpose(1, 2, 0) % 1
-  angles = 2 * math.pi * rng.random((res[0] + 1, res[1] + 1))
-  gradients = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
-  tile = lambda s1, s2: np.repeat(np.repeat(gradients[s1[0] : s1[1], s2[0] : s2[1]], d[0], 0), d[1], 1)
-  dot = lambda g, shift: (np.stack((grid[..., 0] + shift[0], grid[..., 1] + shift[1]), -1) * g).sum(-1)
-  n00, n10 = dot(tile([0, -1], [0, -1]), [0, 0]), dot(tile([1, None], [0, -1]), [-1, 0])
-  n01, n11 = dot(tile([0, -1], [1, None]), [0, -1]), dot(tile([1, None], [1, None]), [-1, -1])
-  t = fade(grid)
-  return math.sqrt(2) * lerp(lerp(n00, n10, t[..., 0]), lerp(n01, n11, t[..., 0]), t[..., 1])
-
-
 def test_fixed_threshold_masks_match_draem_and_ignore_coverage():
   """defects.mask='threshold': noise > 0.5 as DRAEM's data_loader.py does; over 400 seeded masks at 64x64
   (lattice 2^0..2^4) the mean area and the share of empty masks match DRAEM's own noise at that threshold
@@ -128,7 +111,7 @@ def test_fixed_threshold_masks_match_draem_and_ignore_coverage():
   draem = []
   for _ in range(n):
     res = tuple(2 ** int(rng.integers(scales[0], scales[1] + 1)) for _ in range(2))
-    draem.append((_draem_perlin((64, 64), res, rng) > 0.5).mean())
+    draem.append((draem_perlin((64, 64), res, rng) > 0.5).mean())
   draem = np.array(draem)
   # Standard error of each mean area ~0.045 / sqrt(400) = 0.002; the rotation's interpolation lowers
   # ours by a little.
