@@ -10,7 +10,9 @@ anomalous [B] (bool), map [B, S, S], mask [B, S, S] (bool), normalised_score [B]
 jax alone; `onnx` is converted by jax2onnx. Every export scores test images of the run with the
 artifact and with the jitted checkpoint and writes `<F>.parity.json`; it fails when a score or map
 differs by more than 1e-4 relative to the largest magnitude of that output (at least 1): an absolute
-1e-4 would be below float32's resolution for maps whose values reach the thousands (SIVT's).
+1e-4 would be below float32's resolution for maps whose values reach the thousands (SIVT's). Outputs
+that divide the model's map by per-pixel standard deviations, or by the normalising span, get the
+allowance that division gives the map's (`allowances`).
 """
 
 import jax
@@ -98,10 +100,36 @@ def parity_images(detector, category: str, count: int) -> np.ndarray:
   return np.round(images * 255.0).astype(np.uint8)
 
 
+def allowances(calib: calibration.Calibration, reference: dict) -> dict[str, float]:
+  """The largest |artifact - checkpoint| accepted for each compared output of `reference`.
+
+  TOLERANCE times the output's largest magnitude (at least 1). An output that divides the model's map
+  by the per-pixel standard deviations of `max_zscore` or `deviation` (jaxad.calibration) may differ
+  by the map's allowance divided by the smallest of them, since the division magnifies the last bits
+  that another runtime's kernels round differently just as much; the normalised score by the score's
+  allowance divided by the normalising span.
+  """
+  scale = lambda x: max(1.0, float(np.max(np.abs(x))))
+  allowed = {k: TOLERANCE * scale(reference[k]) for k in ('score', 'normalised_score', 'map')}
+  if calib.zscore_std is not None:
+    std = np.asarray(calib.zscore_std, np.float64)
+    model_map = np.asarray(reference['map'], np.float64)
+    if calib.anomaly_map == 'deviation':  # |map - mean| / std: the map is within mean +- this * std.
+      model_map = np.abs(calib.zscore_mean) + model_map * std
+    divided = TOLERANCE * scale(model_map) / float(np.min(std))
+    if calib.image_score == 'max_zscore':
+      allowed['score'] = max(allowed['score'], divided)
+    if calib.anomaly_map == 'deviation':
+      allowed['map'] = max(allowed['map'], divided)
+  allowed['normalised_score'] = max(allowed['normalised_score'], allowed['score'] / calib.normalising_span)
+  return allowed
+
+
 def parity(detector, category: str, artifact, images: np.ndarray, path: str, fmt: str) -> dict:
   """Compares the artifact with the jitted detector on `images`; writes `<path>.parity.json`."""
   reference = jax.device_get(jax.jit(uint8_function(detector, category))(images))
   got = dict(zip(OUTPUTS, artifact(images)))
+  allowed = allowances(detector.calibrations[category], reference)
   diff, scale = {}, {}
   for k in ('score', 'normalised_score', 'map'):
     want = np.asarray(reference[k], np.float64)
@@ -118,11 +146,12 @@ def parity(detector, category: str, artifact, images: np.ndarray, path: str, fmt
     'max_rel_diff': {k: diff[k] / scale[k] for k in diff},
     'agreement': agree,
     'tolerance': TOLERANCE,
-    'passed': all(diff[k] <= TOLERANCE * scale[k] for k in diff),
+    'allowed_abs_diff': allowed,
+    'passed': all(diff[k] <= allowed[k] for k in diff),
   }
   writers.atomic_write_json(path + '.parity.json', report)
   if not report['passed']:
-    raise ParityError(f'{path}: the artifact differs from the checkpoint by {diff} (tolerance {TOLERANCE}).')
+    raise ParityError(f'{path}: the artifact differs from the checkpoint by {diff} (allowed {allowed}).')
   return report
 
 

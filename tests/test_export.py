@@ -9,7 +9,7 @@ import pytest
 from conftest import override, tiny_folder_config, tiny_sivt_config
 
 import jaxad
-from jaxad import export, train
+from jaxad import calibration, export, train
 
 
 def _mean_image(root):
@@ -150,3 +150,55 @@ def test_a_parity_failure_is_an_error(detectors, tmp_path):
   with pytest.raises(export.ParityError, match='differs'):
     export.parity(detector, category, shifted, images, str(tmp_path / 'bad'), 'stablehlo')
   assert json.loads((tmp_path / 'bad.parity.json').read_text())['passed'] is False
+
+
+@pytest.mark.parametrize('anomaly_map', ['model', 'deviation'])
+def test_allowances_cover_a_map_difference_within_tolerance_after_the_zscore(anomaly_map):
+  """A model map perturbed within TOLERANCE of its magnitude moves the max_zscore score, the normalised
+  score and a `deviation` map by no more than `allowances` grants, while a plain 1e-4 would not hold."""
+  rng = np.random.default_rng(0)
+  mean, std = rng.uniform(0.0, 0.5, (8, 8)), rng.uniform(0.005, 0.2, (8, 8))
+  calib = calibration.Calibration(
+    'c',
+    'max_zscore',
+    'normal_quantile',
+    'normal_quantile',
+    'train',
+    10,
+    6.0,
+    3.0,
+    5.0,
+    mean,
+    std,
+    anomaly_map=anomaly_map,
+  )
+  maps = rng.uniform(0.0, 0.9, (16, 8, 8))
+  worst = np.where(std == std.min(), 1.0, 0.0) * export.TOLERANCE  # The whole allowance on the weakest pixel.
+  outputs = lambda m: {
+    'score': calibration.zscore_max(m, mean, std),
+    'normalised_score': (calibration.zscore_max(m, mean, std) - calib.normal_median) / calib.normalising_span,
+    'map': calib.anomaly_maps(m),
+  }
+  reference, moved = outputs(maps), outputs(maps + worst)
+  allowed = export.allowances(calib, reference)
+  for k in reference:
+    diff = np.max(np.abs(moved[k] - reference[k]))
+    assert diff <= allowed[k] * (1 + 1e-9), (k, diff, allowed[k])
+  assert np.max(np.abs(moved['score'] - reference['score'])) > export.TOLERANCE * max(
+    1.0, np.max(np.abs(reference['score']))
+  )
+
+
+def test_allowances_of_a_plain_score_are_the_relative_tolerance():
+  calib = calibration.Calibration(
+    'c', 'model', 'normal_quantile', 'normal_quantile', 'train', 10, 4.0, 1.0, 2.0
+  )
+  reference = {
+    'score': np.array([0.5, 3.0]),
+    'normalised_score': np.array([-1.5, 1.0]),
+    'map': np.full((2, 4, 4), 50.0),
+  }
+  allowed = export.allowances(calib, reference)
+  assert allowed['score'] == pytest.approx(3e-4)
+  assert allowed['map'] == pytest.approx(5e-3)
+  assert allowed['normalised_score'] == pytest.approx(1.5e-4)  # The score's, over the span 2.
