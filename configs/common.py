@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.augment.hflip = False  # Random horizontal flip.
   c.augment.vflip = False  # Random vertical flip.
   c.augment.rotate = 0.0  # Random rotation in [-rotate, rotate] degrees.
+  # Random multiple of 90 degrees: exact (no interpolation, no border fill), for parts posed at any angle.
+  c.augment.rot90 = False
 
   # Artificial defects added to every training example as 'defect_image' / 'defect_mask' (DRAEM-style
   # thresholded Perlin masks, jaxad/data/defects.py), for models that train on them.

@@ -84,6 +84,7 @@ ADDED_FIELDS = {
   'defects.threshold': 0.5,
   'defects.clean_fraction': 0.0,
   'anomaly_map': 'model',
+  'augment.rot90': False,
 }
 
 

@@ -256,3 +256,21 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tiny_dataset, tmp_path
     rerun.send_signal(signal.SIGTERM)
     rerun.wait(timeout=300)
   assert f'Resumed from step {max(steps)}' in err.read_text()
+
+
+def test_rot90_augmentation_turns_image_and_mask_together_without_interpolation():
+  from configs import common
+
+  config = common.get_config()
+  config.augment.rot90 = True
+  augment = pipeline.augmentation(config)
+  rng = np.random.default_rng(0)
+  image = rng.uniform(size=(8, 8, 3)).astype(np.float32)
+  mask = (rng.uniform(size=(8, 8, 1)) > 0.5).astype(np.float32)
+  turns = set()
+  for _ in range(40):
+    out = augment({'image': image, 'mask': mask}, rng)
+    k = next(k for k in range(4) if np.array_equal(out['image'], np.rot90(image, k)))
+    np.testing.assert_array_equal(out['mask'], np.rot90(mask, k))
+    turns.add(k)
+  assert turns == {0, 1, 2, 3}

@@ -118,6 +118,7 @@ class Augment:
   hflip: bool
   vflip: bool
   rotate: float
+  rot90: bool
 
   def __call__(self, example, rng: np.random.Generator):
     image, mask = example['image'], example['mask']
@@ -125,6 +126,9 @@ class Augment:
       image, mask = image[:, ::-1], mask[:, ::-1]
     if self.vflip and rng.random() < 0.5:
       image, mask = image[::-1], mask[::-1]
+    if self.rot90:
+      turns = int(rng.integers(4))
+      image, mask = np.rot90(image, turns), np.rot90(mask, turns)
     if self.rotate:
       angle = rng.uniform(-self.rotate, self.rotate)
       image = ndimage.rotate(image, angle, axes=(1, 0), reshape=False, order=1, mode='reflect')
@@ -134,7 +138,9 @@ class Augment:
 
 def augmentation(config) -> Augment | None:
   a = config.augment
-  return Augment(a.hflip, a.vflip, float(a.rotate)) if (a.hflip or a.vflip or a.rotate) else None
+  if not (a.hflip or a.vflip or a.rotate or a.rot90):
+    return None
+  return Augment(a.hflip, a.vflip, float(a.rotate), a.rot90)
 
 
 def total_steps(num_examples: int, config) -> int:
