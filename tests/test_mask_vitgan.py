@@ -321,10 +321,11 @@ def test_paper_config_settings():
   )
 
 
-@pytest.mark.slow  # minutes: compiles 27 unrolled blocks.
+@pytest.mark.slow  # minutes: compiles the paper's 27 blocks.
 def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
   """The paper's depths (a 6 + 1 + 6-block U-ViT, 6 in-blocks in the extra encoder, 8 ToMe blocks, r=2)
-  at 64x64 and a small width, so it compiles in CPU test time."""
+  at 64x64 and a small width, so it compiles in CPU test time; `:paper` scans the U-ViT blocks, so
+  each stack holds its blocks along a leading axis."""
   c = tiny_config(
     tiny_dataset,
     'paper',
@@ -338,9 +339,10 @@ def test_paper_config_one_step_through_harness(tiny_dataset, tmp_path):
   )
   state = _smoke(c, tmp_path)
   gen = state['g'].params['generator']
-  assert sum(k.startswith('in_block_') for k in gen['encoder']) == 6 and 'mid_block' in gen
-  assert sum(k.startswith('out_block_') for k in gen) == sum(k.startswith('skip_linear_') for k in gen) == 6
-  assert sum(k.startswith('in_block_') for k in state['g'].params['encoder']) == 6
+  stacked = lambda tree: {leaf.shape[0] for leaf in jax.tree.leaves(tree)}
+  assert stacked(gen['encoder']['in_block']) == {6} and 'mid_block' in gen
+  assert stacked(gen['out_block']['block']) == stacked(gen['out_block']['skip_linear']) == {6}
+  assert stacked(state['g'].params['encoder']['in_block']) == {6}
   assert sum(k.startswith('block_') for k in state['d'].params) == 8
 
 
