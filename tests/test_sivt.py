@@ -112,8 +112,8 @@ def test_short_sivt_run_beats_chance_and_localises_better_than_mean_image(
 
 @pytest.mark.slow
 def test_default_sivt_run_beats_mean_image_at_image_level(embedded_dataset, mean_image_baseline, tmp_path):
-  """The default config (180 epochs of quarter-turned images) beats the per-category mean-image baseline on image AUROC, pixel
-  AUROC and AUPRO. Measured values: docs/models/sivt.md."""
+  """The default config (180 epochs of quarter-turned images) beats the per-category mean-image
+  baseline on image AUROC, pixel AUROC and AUPRO. Measured values: docs/models/sivt.md."""
   sivt = _mean_metrics(_folder(sivt_config.get_config(), embedded_dataset), tmp_path)
   assert sivt['image_auroc'] >= mean_image_baseline['image_auroc'] + 0.05
   assert sivt['pixel_auroc'] >= mean_image_baseline['pixel_auroc'] + 0.05
