@@ -159,17 +159,17 @@ def test_allowances_cover_a_map_difference_within_tolerance_after_the_zscore(ano
   rng = np.random.default_rng(0)
   mean, std = rng.uniform(0.0, 0.5, (8, 8)), rng.uniform(0.005, 0.2, (8, 8))
   calib = calibration.Calibration(
-    'c',
-    'max_zscore',
-    'normal_quantile',
-    'normal_quantile',
-    'train',
-    10,
-    6.0,
-    3.0,
-    5.0,
-    mean,
-    std,
+    category='c',
+    image_score='max_zscore',
+    rule='normal_quantile',
+    pixel_rule='normal_quantile',
+    source='train',
+    num_images=10,
+    image_threshold=6.0,
+    pixel_threshold=3.0,
+    normal_median=5.0,
+    zscore_mean=mean,
+    zscore_std=std,
     anomaly_map=anomaly_map,
   )
   maps = rng.uniform(0.0, 0.9, (16, 8, 8))
@@ -191,7 +191,15 @@ def test_allowances_cover_a_map_difference_within_tolerance_after_the_zscore(ano
 
 def test_allowances_of_a_plain_score_are_the_relative_tolerance():
   calib = calibration.Calibration(
-    'c', 'model', 'normal_quantile', 'normal_quantile', 'train', 10, 4.0, 1.0, 2.0
+    category='c',
+    image_score='model',
+    rule='normal_quantile',
+    pixel_rule='normal_quantile',
+    source='train',
+    num_images=10,
+    image_threshold=4.0,
+    pixel_threshold=1.0,
+    normal_median=2.0,
   )
   reference = {
     'score': np.array([0.5, 3.0]),
