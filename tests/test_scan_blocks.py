@@ -221,7 +221,8 @@ def test_a_record_from_before_added_fields_reruns_and_loads_with_the_values_it_w
   from jaxad import calibration
 
   config, _ = _sivt()
-  config.sivt.scan_blocks = False
+  config.sivt.scan_blocks = False  # The values that a record without the added fields implies.
+  config.augment.rot90 = False
   old = provenance.flat_config(config)
   implied = provenance.implied_fields('sivt')
   assert {'num_seeds', 'optimizer.l2_weight_decay', 'sivt.image_score_map', 'sivt.scan_blocks'} <= set(
