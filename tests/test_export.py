@@ -154,26 +154,24 @@ def test_a_parity_failure_is_an_error(detectors, tmp_path):
   assert json.loads((tmp_path / 'bad.parity.json').read_text())['passed'] is False
 
 
+def _calibration(**fields) -> calibration.Calibration:
+  """A calibration of category 'c' from the training images with the given thresholds and statistics."""
+  rules = {'rule': 'normal_quantile', 'pixel_rule': 'normal_quantile'}
+  return calibration.Calibration(
+    category='c', source='train', num_images=10, pixel_threshold=1.0, **rules, **fields
+  )
+
+
 @pytest.mark.parametrize('anomaly_map', ['model', 'deviation'])
 def test_allowances_cover_a_map_difference_within_tolerance_after_the_zscore(anomaly_map):
   """A model map perturbed within TOLERANCE of its magnitude moves the max_zscore score, the normalised
   score and a `deviation` map by no more than `allowances` grants, while a plain 1e-4 would not hold."""
   rng = np.random.default_rng(0)
   mean, std = rng.uniform(0.0, 0.5, (8, 8)), rng.uniform(0.005, 0.2, (8, 8))
-  calib = calibration.Calibration(
-    category='c',
-    image_score='max_zscore',
-    rule='normal_quantile',
-    pixel_rule='normal_quantile',
-    source='train',
-    num_images=10,
-    image_threshold=6.0,
-    pixel_threshold=3.0,
-    normal_median=5.0,
-    zscore_mean=mean,
-    zscore_std=std,
-    anomaly_map=anomaly_map,
+  calib = _calibration(
+    image_score='max_zscore', image_threshold=6.0, normal_median=5.0, zscore_mean=mean, zscore_std=std
   )
+  calib.anomaly_map = anomaly_map
   maps = rng.uniform(0.0, 0.9, (16, 8, 8))
   worst = np.where(std == std.min(), 1.0, 0.0) * export.TOLERANCE  # The whole allowance on the weakest pixel.
   outputs = lambda m: {
@@ -192,17 +190,7 @@ def test_allowances_cover_a_map_difference_within_tolerance_after_the_zscore(ano
 
 
 def test_allowances_of_a_plain_score_are_the_relative_tolerance():
-  calib = calibration.Calibration(
-    category='c',
-    image_score='model',
-    rule='normal_quantile',
-    pixel_rule='normal_quantile',
-    source='train',
-    num_images=10,
-    image_threshold=4.0,
-    pixel_threshold=1.0,
-    normal_median=2.0,
-  )
+  calib = _calibration(image_score='model', image_threshold=4.0, normal_median=2.0)
   reference = {
     'score': np.array([0.5, 3.0]),
     'normalised_score': np.array([-1.5, 1.0]),
