@@ -42,10 +42,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_overrides(recorded: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
   """Refuses overrides of a trained run's config other than `EVALUATE_OVERRIDES`, which a loaded
   detector would otherwise ignore without a word."""
-  old, new = provenance.flat_config(recorded), provenance.flat_config(config)
-  refused = sorted(k for k in new if k not in EVALUATE_OVERRIDES and new[k] != old.get(k))
+  refused = provenance.differences(
+    {'config': provenance.flat_config(recorded), 'data': None},
+    {'config': provenance.flat_config(config), 'data': None},
+    EVALUATE_OVERRIDES,
+  )
   if refused:
-    lines = '\n'.join(f'  {k}: {old.get(k)!r} -> {new[k]!r}' for k in refused)
+    lines = '\n'.join(f'  {k}: {old!r} -> {new!r}' for k, (old, new) in refused.items())
     raise ValueError(
       "jaxad.evaluate scores with the trained run's own model, scoring and calibration; it can only "
       f'change {", ".join(EVALUATE_OVERRIDES)}. Refused:\n{lines}\nTo rescore the run with other '
