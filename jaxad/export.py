@@ -100,6 +100,11 @@ def parity_images(detector, category: str, count: int) -> np.ndarray:
   return np.round(images * 255.0).astype(np.uint8)
 
 
+def magnitude(x) -> float:
+  """An output's largest absolute value, at least 1: what TOLERANCE is relative to."""
+  return max(1.0, float(np.max(np.abs(x))))
+
+
 def allowances(calib: calibration.Calibration, reference: dict) -> dict[str, float]:
   """The largest |artifact - checkpoint| accepted for each compared output of `reference`.
 
@@ -109,14 +114,13 @@ def allowances(calib: calibration.Calibration, reference: dict) -> dict[str, flo
   that another runtime's kernels round differently just as much; the normalised score by the score's
   allowance divided by the normalising span.
   """
-  scale = lambda x: max(1.0, float(np.max(np.abs(x))))
-  allowed = {k: TOLERANCE * scale(reference[k]) for k in ('score', 'normalised_score', 'map')}
+  allowed = {k: TOLERANCE * magnitude(reference[k]) for k in ('score', 'normalised_score', 'map')}
   if calib.zscore_std is not None:
     std = np.asarray(calib.zscore_std, np.float64)
     model_map = np.asarray(reference['map'], np.float64)
     if calib.anomaly_map == 'deviation':  # |map - mean| / std: the map is within mean +- this * std.
       model_map = np.abs(calib.zscore_mean) + model_map * std
-    divided = TOLERANCE * scale(model_map) / float(np.min(std))
+    divided = TOLERANCE * magnitude(model_map) / float(np.min(std))
     if calib.image_score == 'max_zscore':
       allowed['score'] = max(allowed['score'], divided)
     if calib.anomaly_map == 'deviation':
@@ -134,7 +138,7 @@ def parity(detector, category: str, artifact, images: np.ndarray, path: str, fmt
   for k in ('score', 'normalised_score', 'map'):
     want = np.asarray(reference[k], np.float64)
     diff[k] = float(np.max(np.abs(np.asarray(got[k], np.float64) - want)))
-    scale[k] = max(1.0, float(np.max(np.abs(want))))
+    scale[k] = magnitude(want)
   agree = {k: float(np.mean(np.asarray(got[k]) == np.asarray(reference[k]))) for k in ('anomalous', 'mask')}
   report = {
     'format': fmt,
