@@ -18,7 +18,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # (encoder + decoder) against 16 + 2 at N = 4 and four blocks (docs/models/sivt.md, rows E1-E33).
   c.num_epochs = 180
   # The embedded parts lie at any angle: a random quarter turn of each training image shows the model
-  # four poses of every part (rows E30-E33). The backbone then runs every step (no feature cache).
+  # four poses of every part (rows E30-E33). The features of all four turns are cached once.
   # Turn it off for parts and surfaces that always lie one way.
   c.augment.rot90 = True
   c.optimizer.learning_rate = 1e-3

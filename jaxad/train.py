@@ -135,18 +135,26 @@ def build_model(config: ml_collections.ConfigDict, total_steps: int) -> models.A
   return models.build(name, config[name], model_context(config, total_steps))
 
 
-def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh):
-  """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source."""
+def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh, turns: int = 1):
+  """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source; with
+  `turns` = 4, once over each quarter turn of every image (arrays [N, 4, ...], picked per draw)."""
   fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
-  parts = {k: [] for k in model.cached_keys}
-  batches = parallel.map_in_order(lambda b: fn(b, frozen), source, config, mesh)
+  parts = {k: [[] for _ in range(turns)] for k in model.cached_keys}
   num_batches = -(-len(source) // config.eval_batch_size)
-  for out, _, n in tqdm(
-    batches, total=num_batches, desc='caching features', disable=jax.process_index() != 0
-  ):
-    for k in parts:
-      parts[k].append(np.asarray(out[k])[:n])
-  return pipeline.ArraySource({k: np.concatenate(v) for k, v in parts.items()}, name=repr(source))
+  progress = tqdm(total=num_batches * turns, desc='caching features', disable=jax.process_index() != 0)
+  for turn in range(turns):
+    turned = pipeline.QuarterTurned(source, turn) if turns > 1 else source
+    for out, _, n in parallel.map_in_order(lambda b: fn(b, frozen), turned, config, mesh):
+      for k in parts:
+        parts[k][turn].append(np.asarray(out[k])[:n])
+      progress.update()
+  progress.close()
+
+  arrays = {k: [np.concatenate(v) for v in per_turn] for k, per_turn in parts.items()}  # [turn][N, ...]
+  if turns == 1:
+    return pipeline.ArraySource({k: v[0] for k, v in arrays.items()}, name=repr(source))
+  stacked = {k: np.stack(v, axis=1) for k, v in arrays.items()}
+  return pipeline.ArraySource(stacked, name=repr(source), quarter_turns=True)
 
 
 def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
@@ -335,9 +343,13 @@ def setup(config: ml_collections.ConfigDict, source, mesh) -> Run:
 def _prepare(model: models.AnomalyModel, frozen, source, config, mesh) -> tuple[Any, dict]:
   """(training source, example batch for `init`): the source with cached `precompute` outputs where
   the model has them; the example one image plus what `model.prepare` chooses from the source."""
-  if model.cached_keys and config.backbone.cache_features and pipeline.augmentation(config) is None:
-    source = precompute_source(model, frozen, source, config, mesh)
-  example = {k: v[None] for k, v in source[0].items() if k not in _EVAL_ONLY_KEYS}
+  turns = pipeline.cacheable_turns(config)
+  if model.cached_keys and config.backbone.cache_features and turns:
+    source = precompute_source(model, frozen, source, config, mesh, turns)
+  first = source[0]
+  if pipeline.holds_quarter_turns(source):
+    first = {k: v[0] for k, v in first.items()}  # The unturned image's.
+  example = {k: v[None] for k, v in first.items() if k not in _EVAL_ONLY_KEYS}
   if model.prepare is not None:
     example.update(model.prepare(source))
   return source, example

@@ -274,3 +274,43 @@ def test_rot90_augmentation_turns_image_and_mask_together_without_interpolation(
     np.testing.assert_array_equal(out['mask'], np.rot90(mask, k))
     turns.add(k)
   assert turns == {0, 1, 2, 3}
+
+
+def test_cached_quarter_turns_pick_the_turn_augment_draws():
+  """PickQuarterTurn on a cache of the four turns returns what Augment returns for the same draw."""
+  from configs import common
+
+  config = common.get_config()
+  config.augment.rot90 = True
+  augment = pipeline.augmentation(config)
+  image = np.random.default_rng(0).uniform(size=(8, 8, 3)).astype(np.float32)
+  cached = pipeline.ArraySource(
+    {'image': np.stack([np.rot90(image, k) for k in range(4)])[None]}, 'turns', quarter_turns=True
+  )
+  assert pipeline.cacheable_turns(config) == 4 and pipeline.holds_quarter_turns(cached)
+  picked = set()
+  for seed in range(40):
+    out = augment({'image': image, 'mask': image[..., :1]}, np.random.default_rng(seed))
+    pick = pipeline.PickQuarterTurn()(cached[0], np.random.default_rng(seed))['image']
+    np.testing.assert_array_equal(pick, out['image'])
+    picked.add(next(k for k in range(4) if np.array_equal(pick, np.rot90(image, k))))
+  assert picked == {0, 1, 2, 3}
+  config.augment.hflip = True
+  assert pipeline.cacheable_turns(config) is None  # Flips are not cached: the backbone runs every step.
+
+
+def test_quarter_turn_feature_cache_trains_as_the_backbone_every_step(tiny_dataset, tmp_path):
+  """SIVT with quarter turns: features cached once per turn train as the backbone run in every step
+  (same turns, losses and parameters to float rounding)."""
+  logs, params = [], []
+  for cache in (True, False):
+    config = tiny_sivt_config(
+      tiny_dataset, log_every=1, **{'augment.rot90': True, 'backbone.cache_features': cache}
+    )
+    params.append(_train(config, tmp_path / str(cache)))
+    with open(tmp_path / str(cache) / 'log.jsonl') as f:
+      logs.append([r['train/loss'] for r in map(json.loads, f) if 'train/loss' in r])
+  assert len(logs[0]) == len(logs[1]) > 4
+  np.testing.assert_allclose(logs[0], logs[1], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+    np.testing.assert_allclose(x, y, atol=1e-5)

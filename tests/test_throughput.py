@@ -54,7 +54,7 @@ def test_benchmark_script_prints_one_json_line_with_every_field():
   r = json.loads(lines[0])
   assert r['model'] == 'sivt' and r['config'] == 'configs/sivt.py' and r['batch'] == 4
   assert r['platform'] == 'cpu' and r['dtype'] == 'float32'
-  assert r['cached_features'] is False  # The default quarter-turns its images: the backbone runs every step.
+  assert r['cached_features'] is True  # The default's quarter turns are cached, one feature map per turn.
   for k in ('train_img_per_s', 'infer_img_per_s', 'lower_s', 'xla_compile_s', 'infer_compile_s'):
     assert r[k] > 0, k
   assert r['compile_s'] == pytest.approx(r['lower_s'] + r['xla_compile_s'])

@@ -95,11 +95,16 @@ class ImageSource:
 
 
 class ArraySource:
-  """grain data source over in-memory per-example arrays (e.g. cached frozen-backbone features)."""
+  """grain data source over in-memory per-example arrays (e.g. cached frozen-backbone features).
 
-  def __init__(self, arrays: dict[str, np.ndarray], name: str):
+  With `quarter_turns`, every array holds each example under its four quarter turns, [N, 4, ...]
+  (`QuarterTurned` 0-3), and training picks one per draw (`PickQuarterTurn`).
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], name: str, quarter_turns: bool = False):
     self.arrays = arrays
     self.name = name
+    self.quarter_turns = quarter_turns
 
   def __len__(self):
     return len(next(iter(self.arrays.values())))
@@ -108,7 +113,27 @@ class ArraySource:
     return {k: v[index] for k, v in self.arrays.items()}
 
   def __repr__(self):
-    return f'ArraySource({self.name}, n={len(self)}, keys={sorted(self.arrays)})'
+    turns = ', quarter_turns' if self.quarter_turns else ''
+    return f'ArraySource({self.name}, n={len(self)}, keys={sorted(self.arrays)}{turns})'
+
+
+class QuarterTurned:
+  """grain data source: `source` with every image and mask turned by `turns` quarter turns (np.rot90)."""
+
+  def __init__(self, source, turns: int):
+    self.source = source
+    self.turns = turns
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    example = self.source[index]
+    turned = {k: np.ascontiguousarray(np.rot90(example[k], self.turns)) for k in ('image', 'mask')}
+    return {**example, **turned}
+
+  def __repr__(self):
+    return f'QuarterTurned({self.source!r}, turns={self.turns})'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +161,36 @@ class Augment:
     return {**example, 'image': np.ascontiguousarray(image, np.float32), 'mask': np.ascontiguousarray(mask)}
 
 
+@dataclasses.dataclass(frozen=True)
+class PickQuarterTurn:
+  """`Augment` with quarter turns alone, on an `ArraySource` that holds the four turns: the same draw
+  from grain's per-example generator picks the same turn, so cached and uncached runs train alike."""
+
+  def __call__(self, example, rng: np.random.Generator):
+    turns = int(rng.integers(4))
+    return {k: v[turns] for k, v in example.items()}
+
+
+def holds_quarter_turns(source) -> bool:
+  """Whether `source` caches every example under its four quarter turns."""
+  return isinstance(source, ArraySource) and source.quarter_turns
+
+
 def augmentation(config) -> Augment | None:
   a = config.augment
   if not (a.hflip or a.vflip or a.rotate or a.rot90):
     return None
   return Augment(a.hflip, a.vflip, float(a.rotate), a.rot90)
+
+
+def cacheable_turns(config) -> int | None:
+  """How many quarter turns of each training image a cache of precomputed outputs must hold for
+  `config.augment`: 1 without augmentation, 4 with quarter turns alone, None when it cannot be cached
+  (flips or free rotation)."""
+  a = config.augment
+  if a.hflip or a.vflip or a.rotate:
+    return None
+  return 4 if a.rot90 else 1
 
 
 def total_steps(num_examples: int, config) -> int:
@@ -160,7 +210,7 @@ def train_batches(source, config, seed: int, *, process_index: int, process_coun
   """
   local_batch = config.batch_size // process_count
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(config.num_epochs)
-  augment = augmentation(config)
+  augment = PickQuarterTurn() if holds_quarter_turns(source) else augmentation(config)
   if augment is not None:
     ds = ds.random_map(augment, seed=seed)
   synthesize = defects.synthesizer(config, source)
