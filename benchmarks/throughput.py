@@ -7,8 +7,9 @@ The model is built and stepped by the harness's own `train.setup` (model, ('data
 sharding, initial state, compiled steps) on one synthetic batch of uniform random images of the
 configured shape, fed as the harness feeds it: through its grain iterator and, for frozen-backbone
 models with `backbone.cache_features` and no augmentation or quarter turns alone, as the cached
-`precompute` outputs (e.g. SIVT's 'features'). The input pipeline itself is not timed, so artificial defects (RB-AE) are filled
-procedurally whatever `defects.fill` says: a `:paper` config's fill folder is not needed.
+`precompute` outputs (e.g. SIVT's 'features'). The input pipeline itself is not timed, so artificial
+defects (RB-AE) are filled procedurally whatever `defects.fill` says: a `:paper` config's fill folder
+is not needed.
 
 Compile times: `lower_s` traces and lowers the train step, `xla_compile_s` compiles it, or loads it
 when JAX's persistent compilation cache (`compilation_cache_dir` in the record) already holds it;

@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.defects.threshold = 0.5  # mask='threshold': noise > threshold (DRAEM: 0.5; the noise is in ~[-1, 1]).
   c.defects.perlin_scales = (0, 4)  # Perlin lattice 2^a x 2^b cells, a, b ~ U{lo..hi}.
   c.defects.clean_fraction = 0.0  # Probability that an example stays defect-free (I_m = 0); DRAEM: 0.5.
+  # The fill's opacity inside I_m, ~ U(lo, hi): 1 replaces the image there (RB-AE's Eq. 1); DRAEM blends
+  # (1 - beta) fill + beta image with beta ~ U(0, 0.8), i.e. (0.2, 1.0): faint defects too.
+  c.defects.opacity = (1.0, 1.0)
   return c
 
 

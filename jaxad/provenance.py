@@ -83,6 +83,7 @@ ADDED_FIELDS = {
   'defects.mask': 'coverage',
   'defects.threshold': 0.5,
   'defects.clean_fraction': 0.0,
+  'defects.opacity': (1.0, 1.0),
   'anomaly_map': 'model',
   'augment.rot90': False,
 }

@@ -138,6 +138,35 @@ def test_clean_fraction_leaves_about_half_the_examples_defect_free():
   assert np.mean(empty) < 0.15, np.mean(empty)
 
 
+def test_opacity_blends_the_fill_as_draem_does():
+  """defects.opacity=(0.2, 1.0): inside I_m, (1 - beta) fill + beta image with beta ~ U(0, 0.8) (DRAEM's
+  augment_image); outside it the image; every blend weight in range and more than one drawn."""
+  config = override(rbae_config.get_config(), **{'defects.opacity': (0.2, 1.0)})
+  image = np.random.default_rng(0).uniform(size=(32, 32, 3)).astype(np.float32)
+  synthesize = defects.synthesizer(config, None)
+  weights = []
+  for seed in range(20):
+    out = synthesize({'image': image}, np.random.default_rng(seed))
+    fill = synthesize.fill_image(32, 3, _rng_after_mask(synthesize, seed))
+    inside = out['defect_mask'] > 0
+    np.testing.assert_array_equal(out['defect_image'][~inside], image[~inside])
+    # Solve defect = image + w (fill - image) for w where fill and image differ clearly.
+    diff = (fill - image)[inside]
+    clear = np.abs(diff) > 0.1
+    w = (out['defect_image'][inside] - image[inside])[clear] / diff[clear]
+    np.testing.assert_allclose(w, w[0], atol=1e-4)
+    weights.append(w[0])
+  assert 0.2 <= min(weights) and max(weights) <= 1.0 and np.ptp(weights) > 0.3
+
+
+def _rng_after_mask(synthesize, seed):
+  """The generator as DefectSynthesizer holds it right after drawing the clean coin and the mask."""
+  rng = np.random.default_rng(seed)
+  rng.random()
+  defects.perlin_mask(32, rng, synthesize.coverage, synthesize.scales, synthesize.threshold)
+  return rng
+
+
 def test_missing_fill_folder_stops_the_run_before_any_data_is_read(tmp_path):
   """fill='folder' (the `:paper` fill) names the missing folder; the dataset root is missing too, so
   only a check that runs first gives this error."""

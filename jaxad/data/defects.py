@@ -101,6 +101,10 @@ class DefectSynthesizer:
   fill_paths: tuple[str, ...] = ()  # image files (fill='folder')
   threshold: float | None = None
   clean_fraction: float = 0.0  # probability that an example is left defect-free
+  opacity: tuple[float, float] = (
+    1.0,
+    1.0,
+  )  # the fill's weight inside the mask ~ U(lo, hi) (DRAEM's 1 - beta)
 
   def fill_image(self, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
     if self.fill == 'procedural':
@@ -119,6 +123,8 @@ class DefectSynthesizer:
     mask = perlin_mask(size, rng, self.coverage, self.scales, self.threshold)
     fill = self.fill_image(size, channels, rng)
     m = mask[..., None]
+    if self.opacity != (1.0, 1.0):  # Drawn only when it varies: runs without it keep their defects.
+      m = m * rng.uniform(*self.opacity)
     return {**example, 'defect_image': (image * (1 - m) + fill * m).astype(np.float32), 'defect_mask': mask}
 
 
@@ -171,4 +177,5 @@ def synthesizer(config: ml_collections.ConfigDict, source) -> DefectSynthesizer 
     paths,
     float(d.threshold) if d.mask == 'threshold' else None,
     float(d.clean_fraction),
+    tuple(float(o) for o in d.opacity),
   )
