@@ -83,7 +83,7 @@ ADDED_FIELDS = {
   'defects.mask': 'coverage',
   'defects.threshold': 0.5,
   'defects.clean_fraction': 0.0,
-  'defects.opacity': (1.0, 1.0),
+  'defects.opacity': [1.0, 1.0],  # As config.json holds it (JSON has no tuples).
   'anomaly_map': 'model',
   'augment.rot90': False,
 }

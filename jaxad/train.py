@@ -149,7 +149,6 @@ def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh, 
         parts[k][turn].append(np.asarray(out[k])[:n])
       progress.update()
   progress.close()
-
   arrays = {k: [np.concatenate(v) for v in per_turn] for k, per_turn in parts.items()}  # [turn][N, ...]
   if turns == 1:
     return pipeline.ArraySource({k: v[0] for k, v in arrays.items()}, name=repr(source))

@@ -101,10 +101,8 @@ class DefectSynthesizer:
   fill_paths: tuple[str, ...] = ()  # image files (fill='folder')
   threshold: float | None = None
   clean_fraction: float = 0.0  # probability that an example is left defect-free
-  opacity: tuple[float, float] = (
-    1.0,
-    1.0,
-  )  # the fill's weight inside the mask ~ U(lo, hi) (DRAEM's 1 - beta)
+  # The fill's weight inside the mask ~ U(lo, hi) (DRAEM's 1 - beta); (1, 1) is Eq. 1's replacement.
+  opacity: tuple[float, float] = (1.0, 1.0)
 
   def fill_image(self, size: int, channels: int, rng: np.random.Generator) -> np.ndarray:
     if self.fill == 'procedural':
