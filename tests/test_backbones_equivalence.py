@@ -152,7 +152,7 @@ def test_real_lite0_weights_match_timm():
 
   sd = effnet.lukemelas_to_timm(B.load_state_dict(path), 'tf_efficientnet_lite0')
   m = timm.create_model('tf_efficientnet_lite0', pretrained=False)
-  m.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})  # strict
+  m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})  # strict
   m.eval()
   img = skimage.transform.resize(skimage_data.chelsea()[:, 75:375], (224, 224)).astype(np.float32)[None]
   xt = torch.from_numpy(((img * 255 - 127.5) / 128).transpose(0, 3, 1, 2).copy())
