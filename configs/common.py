@@ -64,8 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.backbone.arch = ''  # timm architecture name; '' = the model uses none.
   c.backbone.weights = 'imagenet'  # 'imagenet' (resolved offline), a ported weights file, or 'random'.
   c.backbone.features = ()  # timm features_only indices of the maps the model reads.
-  # Extract the training set's features once (of each quarter turn with augment.rot90 alone); flips and
-  # free rotation run the backbone every step.
+  # Extract the training set's features once into host memory (of each quarter turn with augment.rot90
+  # alone: four times the memory; the log gives the size); flips and free rotation run the backbone
+  # every step.
   c.backbone.cache_features = True
 
   c.dataset = ml_collections.ConfigDict()

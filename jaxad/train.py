@@ -150,6 +150,10 @@ def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh, 
       progress.update()
   progress.close()
   arrays = {k: [np.concatenate(v) for v in per_turn] for k, per_turn in parts.items()}  # [turn][N, ...]
+  gib = sum(a.nbytes for per_turn in arrays.values() for a in per_turn) / 2**30
+  logging.info(
+    'Cached %s of %d images x %d turns in host memory: %.2f GiB', sorted(arrays), len(source), turns, gib
+  )
   if turns == 1:
     return pipeline.ArraySource({k: v[0] for k, v in arrays.items()}, name=repr(source))
   stacked = {k: np.stack(v, axis=1) for k, v in arrays.items()}
