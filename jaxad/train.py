@@ -139,25 +139,28 @@ def precompute_source(model: models.AnomalyModel, frozen, source, config, mesh, 
   """Runs `model.precompute` once over `source` and returns the cached arrays as a grain source; with
   `turns` = 4, once over each quarter turn of every image (arrays [N, 4, ...], picked per draw)."""
   fn = jax.jit(model.precompute, out_shardings=parallel.replicated(mesh))
-  parts = {k: [[] for _ in range(turns)] for k in model.cached_keys}
+  cached = {}  # key -> [N, turns, ...], filled batch by batch (no per-batch lists to join afterwards).
   num_batches = -(-len(source) // config.eval_batch_size)
   progress = tqdm(total=num_batches * turns, desc='caching features', disable=jax.process_index() != 0)
   for turn in range(turns):
     turned = pipeline.QuarterTurned(source, turn) if turns > 1 else source
+    row = 0
     for out, _, n in parallel.map_in_order(lambda b: fn(b, frozen), turned, config, mesh):
-      for k in parts:
-        parts[k][turn].append(np.asarray(out[k])[:n])
+      for k in model.cached_keys:
+        rows = np.asarray(out[k])[:n]
+        if k not in cached:
+          cached[k] = np.empty((len(source), turns, *rows.shape[1:]), rows.dtype)
+        cached[k][row : row + n, turn] = rows
+      row += n
       progress.update()
   progress.close()
-  arrays = {k: [np.concatenate(v) for v in per_turn] for k, per_turn in parts.items()}  # [turn][N, ...]
-  gib = sum(a.nbytes for per_turn in arrays.values() for a in per_turn) / 2**30
+  gib = sum(v.nbytes for v in cached.values()) / 2**30
   logging.info(
-    'Cached %s of %d images x %d turns in host memory: %.2f GiB', sorted(arrays), len(source), turns, gib
+    'Cached %s of %d images x %d turns in host memory: %.2f GiB', sorted(cached), len(source), turns, gib
   )
   if turns == 1:
-    return pipeline.ArraySource({k: v[0] for k, v in arrays.items()}, name=repr(source))
-  stacked = {k: np.stack(v, axis=1) for k, v in arrays.items()}
-  return pipeline.ArraySource(stacked, name=repr(source), quarter_turns=True)
+    return pipeline.ArraySource({k: v[:, 0] for k, v in cached.items()}, name=repr(source))
+  return pipeline.ArraySource(cached, name=repr(source), quarter_turns=True)
 
 
 def phase_schedule(config, num_examples: int) -> list[tuple[str | None, int]]:
