@@ -8,8 +8,8 @@
 The reference is a nearest-neighbour patch memory (PatchCore without coreset subsampling). With
 `--features sivt` (the default) its patches are SIVT's default features (`configs/sivt.py`'s own
 `precompute`: EfficientNet-Lite0 stages 0-3, resized to image_size / 8 and concatenated). With
-`--features pixels` they are the raw pixels of `--patch_size` squares at half that stride: the best a
-pixel reconstruction can do that reproduces every normal patch it has seen and nothing else. The
+`--features pixels` they are the raw pixels of `--patch_size` squares at half that stride: close to
+the error of a pixel reconstruction that reproduces every normal patch it has seen and nothing else. The
 anomaly map is each test patch's L2 distance to its nearest training patch of the same category; the
 image score is the maximum of the sigma-1 smoothed map; for pixel metrics the map is resized to the
 image (bilinear) and smoothed with sigma 4 pixels, as the models' defaults do. It needs no training, so
