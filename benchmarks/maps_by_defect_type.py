@@ -9,8 +9,8 @@ test split of `--category` under `--root` (MVTec layout) and prints, for the mod
 the deviation maps (|map - mean| / std per pixel against the category's training maps, as
 `config.anomaly_map='deviation'`), the pixel AUROC of all test images and of the good images with each
 defect type alone, with each type's share of the defect pixels, and the image AUROC of the run's own
-image scores on the same images; then the pixel AUROC of all defect pixels against the good tiles'
-pixels alone and against the defect-free pixels of the defective tiles alone. Runs scored with either
+image scores on the same images; then the pixel AUROC of all defect pixels against the good images'
+pixels alone and against the defect-free pixels of the defective images alone. Runs scored with either
 setting work: the training maps' statistics are computed here.
 """
 
@@ -69,10 +69,10 @@ def main(argv):
     aurocs = ' '.join(f'{100 * metrics.pixel_auroc(m[sel], masks[sel]):10.1f}' for m in variants.values())
     image = 100 * metrics.image_auroc(scores[sel], ~good[sel])
     print(f'{("good + " + name) if name != "all" else "all":24s} {100 * share:13.1f}% {aurocs} {image:10.1f}')
-  # The pooled pixel AUROC split by where its negatives lie: on good tiles, or on the defective tiles
-  # around the defects (a map raised over a whole defective tile ranks it well and its defects poorly).
+  # The pooled pixel AUROC split by where its negatives lie: on good images, or on the defective images
+  # around the defects (a map raised over a whole defective image ranks it well and its defects poorly).
   good_pixels = np.broadcast_to(good[:, None, None], masks.shape) & ~masks
-  for name, negatives in (('good tiles', good_pixels), ('defect tiles', ~good_pixels & ~masks)):
+  for name, negatives in (('good images', good_pixels), ('defect images', ~good_pixels & ~masks)):
     labels = np.r_[np.ones(masks.sum(), bool), np.zeros(negatives.sum(), bool)]
     aurocs = ' '.join(
       f'{100 * metrics.image_auroc(np.r_[m[masks], m[negatives]], labels):10.1f}' for m in variants.values()
